@@ -1,0 +1,240 @@
+"""Time and memory of one MeZO step on SmolLM2-135M against a plain MeZO reference step.
+
+Usage: ``python benchmarks/zo_step.py [--quick]`` (``--quick``: the 2-layer slice, fewer repetitions).
+The last printed line is one JSON object. Times are medians over repetitions after one warm-up.
+
+Memory: each mode runs in a fresh subprocess that loads the model, resets the kernel's peak-RSS mark
+(``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the measured work; ``*_peak_mb`` is that peak
+(the whole process: runtime, weights, activations, caches). Where clear_refs is unavailable a 1 ms RSS
+sampling thread is used instead (``memory_method`` says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fedtune.assets.models import load_causal_lm  # noqa: E402
+from fedtune.data.batch import TokenBatch  # noqa: E402
+from fedtune.zo import MeZOStep, ParamSelection, ZOConfig, answer_loss, select_parameters  # noqa: E402
+
+EPS, LR = 1e-3, 1e-6
+BATCH, LENGTH, ANSWER = 8, 64, 8
+
+
+def load(quick: bool) -> nn.Module:
+    return load_causal_lm("smollm2-135m", num_layers=2 if quick else None)
+
+
+def random_batch(vocab: int) -> TokenBatch:
+    """8 x 64 random token ids (explicit generator) with answer labels on the last 8 tokens."""
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (BATCH, LENGTH), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, -ANSWER:] = ids[:, -ANSWER:]
+    return TokenBatch(ids, torch.ones_like(ids), labels)
+
+
+def reference_step(model: nn.Module, params: list[nn.Parameter], batch: TokenBatch, seed: int) -> float:
+    """MeZO as published: global-RNG reseeding, torch.normal per parameter, four passes, full HF loss.
+
+    The baseline is the only place in fedtune allowed to seed the global RNG; fork_rng restores it after.
+    """
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z
+
+    def loss() -> float:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        return float(out.loss.item())
+
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        perturb(EPS)
+        loss_plus = loss()
+        perturb(-2 * EPS)
+        loss_minus = loss()
+        perturb(EPS)
+        grad = (loss_plus - loss_minus) / (2 * EPS)
+        perturb(-LR * grad)
+    return grad
+
+
+def median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up: allocator, caches, lazy buffers
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakRss:
+    """Peak resident memory of this process during a block, in MB."""
+
+    def __init__(self) -> None:
+        self.method = "vmhwm-clear-refs"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.method = "rss-sampling-1ms"
+        self._peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} missing from /proc/self/status")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._status("VmRSS"))
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakRss:
+        self.baseline_mb = self._status("VmRSS") / 2**20
+        if self.method != "vmhwm-clear-refs":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.method == "vmhwm-clear-refs":
+            self.peak_mb = self._status("VmHWM") / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = self._peak / 2**20
+
+
+def measure_memory(quick: bool, mode: str, kind: str, cache_z: str) -> dict[str, float | str]:
+    """Run inside a fresh subprocess: peak RSS of two forwards ('inference') or of ZO steps ('zo')."""
+    model = load(quick)
+    batch = random_batch(model.config.vocab_size)
+    tuned = select_parameters(model, ParamSelection())
+    stepper = MeZOStep(model, tuned, ZOConfig(eps=EPS, kind=kind, cache_z=cache_z), run_seed=0)  # type: ignore[arg-type]
+    gc.collect()
+    with PeakRss() as rss:
+        for seed in range(2):
+            if mode == "inference":
+                with torch.inference_mode():
+                    answer_loss(model, batch)
+                    answer_loss(model, batch)
+            else:
+                stepper.step(batch, seed, LR)
+    return {"peak_mb": rss.peak_mb, "baseline_mb": rss.baseline_mb, "method": rss.method}
+
+
+def memory_in_subprocess(quick: bool, mode: str, kind: str, cache_z: str) -> dict[str, float | str]:
+    cmd = [sys.executable, __file__, "--memory", mode, "--kinds", kind, "--cache-z", cache_z]
+    done = subprocess.run([*cmd, *(["--quick"] if quick else [])], capture_output=True, text=True, check=True)
+    result: dict[str, float | str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2-layer slice, 3 repetitions")
+    parser.add_argument("--kinds", default="gaussian,rademacher", help="comma-separated perturbation kinds")
+    parser.add_argument("--cache-z", default="auto", choices=["auto", "always", "never"])
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 quick, 3 full)")
+    parser.add_argument("--memory", choices=["inference", "zo"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if args.memory:
+        print(json.dumps(measure_memory(args.quick, args.memory, kinds[0], args.cache_z)))
+        return
+    reps = args.reps or 3
+
+    model = load(args.quick)
+    batch = random_batch(model.config.vocab_size)
+    tuned = select_parameters(model, ParamSelection())
+    params = list(tuned.tensors)
+    zeros = [torch.zeros_like(p) for p in params]
+
+    def two_forward() -> None:
+        with torch.inference_mode():
+            answer_loss(model, batch)
+            answer_loss(model, batch)
+
+    def axpy_pass() -> None:
+        with torch.inference_mode():
+            for p, z in zip(params, zeros, strict=True):
+                p.add_(z, alpha=EPS)
+
+    two_forward_s = median_time(two_forward, reps)
+    axpy_pass_s = median_time(axpy_pass, reps)
+    del zeros
+    seeds = iter(range(10_000))
+    reference_step_s = median_time(lambda: reference_step(model, params, batch, next(seeds)), reps)
+    inference = memory_in_subprocess(args.quick, "inference", kinds[0], args.cache_z)
+
+    variants: dict[str, dict[str, object]] = {}
+    for kind in kinds:
+        config = ZOConfig(eps=EPS, kind=kind, cache_z=args.cache_z)  # type: ignore[arg-type]
+        stepper = MeZOStep(model, tuned, config, run_seed=0)
+        zo_step_s = median_time(lambda s=stepper: s.step(batch, next(seeds), LR), reps)  # type: ignore[misc]
+        zo_memory = memory_in_subprocess(args.quick, "zo", kind, args.cache_z)
+        zo_peak, inference_peak = float(zo_memory["peak_mb"]), float(inference["peak_mb"])
+        overhead = zo_step_s - two_forward_s
+        variants[kind] = {
+            "kind": kind,
+            "cache_z": args.cache_z,
+            "cached_tensors": f"{len(stepper.direction.cached)}/{len(params)}",
+            "zo_step_s": round(zo_step_s, 4),
+            "step_over_two_forward": round(zo_step_s / two_forward_s, 3),
+            "speedup_vs_reference": round(reference_step_s / zo_step_s, 3),
+            "overhead_s": round(overhead, 4),
+            "overhead_over_three_axpy": round(overhead / (3 * axpy_pass_s), 2),
+            "zo_peak_mb": round(zo_peak, 1),
+            "zo_peak_over_inference": round(zo_peak / inference_peak, 3),
+            "targets_met": {
+                "speedup_vs_reference>=2": reference_step_s / zo_step_s >= 2,
+                "overhead<=2x(3 axpy)": overhead <= 2 * 3 * axpy_pass_s,
+                "zo_peak<=1.2x_inference": zo_peak <= 1.2 * inference_peak,
+            },
+        }
+        del stepper
+        gc.collect()
+
+    first = variants[kinds[0]]
+    summary = {
+        "benchmark": "zo_step",
+        "model": "smollm2-135m" + (" (2-layer slice)" if args.quick else ""),
+        "batch": f"{BATCH}x{LENGTH}, {ANSWER} answer tokens",
+        "torch_threads": torch.get_num_threads(),
+        "num_params": sum(p.numel() for p in params),
+        "two_forward_s": round(two_forward_s, 4),
+        "reference_step_s": round(reference_step_s, 4),
+        "axpy_pass_s": round(axpy_pass_s, 4),
+        "inference_peak_mb": round(float(inference["peak_mb"]), 1),
+        "memory_method": inference["method"],
+        **{k: first[k] for k in ("kind", "cache_z", "zo_step_s", "step_over_two_forward", "speedup_vs_reference")},
+        "zo_peak_mb": first["zo_peak_mb"],
+        "variants": variants,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

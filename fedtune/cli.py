@@ -1,0 +1,132 @@
+"""The ``fedtune`` command line: simulate, assets, zo-check, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig
+
+
+def _parse_value(text: str) -> Any:
+    # Values are TOML scalars, as in Flower's --run-config ("zo.lr=1e-6 run.name='x'").
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value (e.g. --set zo.lr=1e-6), got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _load_config(path: str | None, pairs: Sequence[str]) -> RunConfig:
+    overrides = _overrides(pairs)
+    if path is None:
+        return RunConfig.from_flat(overrides)
+    return RunConfig.load(path, overrides)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config, args.set)
+    from fedtune.flower.sim import simulate
+
+    summary = simulate(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from fedtune.assets.report import format_report, prepare_assets
+
+    t0 = time.perf_counter()
+    infos = prepare_assets()
+    print(format_report(infos))
+    print(f"prepared and verified {len(infos)} assets in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_zo_check(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config, args.set)
+    from fedtune.assets.models import load_causal_lm
+    from fedtune.zo import ParamSelection, zo_check_report
+
+    model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
+    report = zo_check_report(
+        model,
+        ParamSelection(mode=cfg.zo.tune),  # type: ignore[arg-type]
+        run_seed=cfg.run.seed,
+        kind=cfg.zo.perturbation,  # type: ignore[arg-type]
+        seed_index=args.seed_index,
+    )
+    print(json.dumps(report, sort_keys=True))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedtune.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out_dir))
+    print(f"wrote a Hugging Face checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune", description="Federated fine-tuning of language models on Flower."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run a federated simulation on this machine (Flower + Ray)")
+    p.add_argument(
+        "config", nargs="?", help="TOML config (default: built-in defaults = simulations/default.toml)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. zo.lr=1e-6"
+    )
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("assets", help="prepare and verify the offline model, encoder and datasets")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser(
+        "zo-check", help="print the ZO fingerprint and a z checksum as JSON, to compare with the server"
+    )
+    p.add_argument("--config", help="TOML config whose model/zo/run keys to use")
+    p.add_argument("--model", help="model name or folder (overrides the config)")
+    p.add_argument("--seed-index", type=int, default=0, help="seed index whose z checksum to print")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_zo_check)
+
+    p = sub.add_parser("export", help="write a run's tuned model as a Hugging Face checkpoint (safetensors)")
+    p.add_argument("run_dir", help="a run folder (holds config.toml and checkpoint/)")
+    p.add_argument("out_dir", help="where to write the model folder")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", None):
+        args.set = [*args.set, f"model.name={json.dumps(args.model)}"]
+    try:
+        return int(args.func(args))
+    except ValueError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Typed run configuration.
+
+The frozen dataclasses below are the source of truth. TOML files in ``simulations/`` and the
+``[tool.flwr.app.config]`` table in ``pyproject.toml`` are only their serialized form: one table per
+section, kebab-case keys. Flower flattens nested tables into dotted keys, so ``zo.lr`` is both the
+TOML key ``lr`` under ``[zo]`` and the Flower override ``--run-config "zo.lr=1e-6"``.
+Unknown keys are rejected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+Scalar = bool | int | float | str
+ALGORITHMS = ("fedkseed", "fedkseed-pro", "lora-fedavg")
+PARTITIONS = ("iid", "dirichlet", "group")
+PERTURBATIONS = ("gaussian", "rademacher")
+TUNE_MODES = ("all", "no-embeddings")
+CACHE_Z = ("auto", "always", "never")
+LR_SCHEDULES = ("constant", "cosine")
+SCALAR_DTYPES = ("float32", "float16")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _choice(section: str, key: str, value: str, options: tuple[str, ...]) -> None:
+    _require(
+        value in options, f"{section}.{key} = {value!r} is not one of {', '.join(options)}; pick one of them"
+    )
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """``[run]``: identity of the run.
+
+    name: label used for the output folder. seed: the run seed from which every generator (seed
+    pool, client sampling, data order) derives. algorithm: fedkseed, fedkseed-pro or lora-fedavg.
+    output_dir: where run folders (metrics.jsonl, plots, checkpoints) are written.
+    """
+
+    name: str = "fedkseed-demo"
+    seed: int = 42
+    algorithm: str = "fedkseed"
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and "/" not in self.name, "run.name must be a non-empty folder name without '/'"
+        )
+        _require(0 <= self.seed < 2**63, "run.seed must be a non-negative integer below 2**63")
+        _choice("run", "algorithm", self.algorithm, ALGORITHMS)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: the causal LM.
+
+    name: a builtin asset (``smollm2-135m``) or a local Hugging Face model folder. num_layers: keep
+    only the first N decoder layers (0 keeps all; small values make fast tests). max_length: tokens
+    per example, prompt truncated from the left.
+    """
+
+    name: str = "smollm2-135m"
+    num_layers: int = 0
+    max_length: int = 96
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name), "model.name must name a builtin model (smollm2-135m) or a local model folder"
+        )
+        _require(self.num_layers >= 0, "model.num_layers must be >= 0 (0 keeps every layer)")
+        _require(8 <= self.max_length <= 8192, "model.max_length must be between 8 and 8192 tokens")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: task, split and partitioning.
+
+    task: ``reviews`` (Rotten Tomatoes as review -> positive/negative), ``qa`` (chatterbot Q/A),
+    ``reviews+qa``, or a local json/jsonl/csv/parquet file. partition: iid, dirichlet (over labels,
+    concentration ``alpha``) or group (by movie/category). max_train_examples caps the training pool
+    (0 = no cap). heldout_size: server-side held-out examples for answer loss. eval_generations:
+    how many held-out prompts are generated greedily for Rouge-L, with at most max_new_tokens.
+    """
+
+    task: str = "reviews"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    max_train_examples: int = 2000
+    heldout_size: int = 64
+    eval_generations: int = 32
+    max_new_tokens: int = 6
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.task), "data.task must be reviews, qa, reviews+qa or a path to a local dataset file"
+        )
+        _choice("data", "partition", self.partition, PARTITIONS)
+        _require(self.alpha > 0, "data.alpha must be > 0 (smaller = more non-IID; 0.5 is common)")
+        _require(self.max_train_examples >= 0, "data.max_train_examples must be >= 0 (0 = no cap)")
+        _require(self.heldout_size >= 1, "data.heldout_size must be >= 1")
+        _require(
+            0 <= self.eval_generations <= self.heldout_size,
+            "data.eval_generations must be between 0 and data.heldout_size",
+        )
+        _require(1 <= self.max_new_tokens <= 512, "data.max_new_tokens must be between 1 and 512")
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    """``[federation]``: clients and rounds.
+
+    num_clients: simulated SuperNodes (one data partition each). clients_per_round: sampled per
+    round. num_rounds: server rounds. min_replies: a round with fewer valid replies ends the run
+    cleanly. round_timeout_s: how long the server waits for replies. client_cpus/client_gpus:
+    Ray resources per simulated client (2 CPUs = one client at a time on a 2-core machine, one
+    model in memory).
+    """
+
+    num_clients: int = 10
+    clients_per_round: int = 3
+    num_rounds: int = 10
+    min_replies: int = 1
+    round_timeout_s: float = 3600.0
+    client_cpus: int = 2
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients >= 1, "federation.num_clients must be >= 1")
+        _require(
+            1 <= self.clients_per_round <= self.num_clients,
+            "federation.clients_per_round must be between 1 and federation.num_clients",
+        )
+        _require(self.num_rounds >= 1, "federation.num_rounds must be >= 1")
+        _require(
+            1 <= self.min_replies <= self.clients_per_round,
+            "federation.min_replies must be between 1 and federation.clients_per_round",
+        )
+        _require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0 seconds")
+        _require(self.client_cpus >= 1, "federation.client_cpus must be >= 1")
+        _require(self.client_gpus >= 0, "federation.client_gpus must be >= 0")
+
+
+@dataclass(frozen=True)
+class ZOSection:
+    """``[zo]``: the zeroth-order (MeZO) local optimizer.
+
+    lr: learning rate of the first round; lr_schedule: constant or cosine (decays to lr_min over the
+    rounds; exact, because the server folds each round's lr into the accumulated coefficients).
+    eps: perturbation scale. perturbation: gaussian or rademacher. tune: all or no-embeddings.
+    local_steps: two-point steps per client per round (tau). batch_size: examples per step.
+    cache_z: keep the step's z in memory (auto = only within the 1.2x inference-memory budget).
+    """
+
+    lr: float = 3e-6
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    eps: float = 1e-3
+    perturbation: str = "rademacher"
+    tune: str = "all"
+    local_steps: int = 10
+    batch_size: int = 8
+    cache_z: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(0 < self.lr < 1, "zo.lr must be in (0, 1); full-parameter ZO uses ~1e-7..1e-5")
+        _choice("zo", "lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _require(0 <= self.lr_min <= self.lr, "zo.lr_min must be between 0 and zo.lr")
+        _require(0 < self.eps < 1, "zo.eps must be in (0, 1); 1e-3 is the MeZO default")
+        _choice("zo", "perturbation", self.perturbation, PERTURBATIONS)
+        _choice("zo", "tune", self.tune, TUNE_MODES)
+        _require(self.local_steps >= 1, "zo.local_steps must be >= 1")
+        _require(self.batch_size >= 1, "zo.batch_size must be >= 1")
+        _choice("zo", "cache-z", self.cache_z, CACHE_Z)
+
+    def lr_at(self, server_round: int, num_rounds: int) -> float:
+        """Learning rate for a (1-based) round under the schedule."""
+        if self.lr_schedule == "constant" or num_rounds <= 1:
+            return self.lr
+        progress = (server_round - 1) / (num_rounds - 1)
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class FedKSeedSection:
+    """``[fedkseed]``: FedKSeed / FedKSeed-Pro (Qin et al., ICML 2024).
+
+    num_seeds: K, the shared candidate seed pool. pro_clip: FedKSeed-Pro clips per-step scalars to
+    +-pro_clip before computing seed importance. reply_scalars: float32 or float16 scalars on the
+    wire. sparse_sync: send a client only the accumulator entries that changed since its last sync.
+    """
+
+    num_seeds: int = 4096
+    pro_clip: float = 1000.0
+    reply_scalars: str = "float32"
+    sparse_sync: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            1 <= self.num_seeds <= 2**20, "fedkseed.num_seeds must be between 1 and 1048576 (paper: 4096)"
+        )
+        _require(self.pro_clip > 0, "fedkseed.pro_clip must be > 0 (paper: 1000)")
+        _choice("fedkseed", "reply-scalars", self.reply_scalars, SCALAR_DTYPES)
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    """``[aggregator]``: how the server combines client updates.
+
+    name: a registered aggregator (weighted-mean, median, trimmed-mean, clipped-mean, krum,
+    multi-krum) or ``"package.module:Class"``. The remaining keys are offered to the aggregator's
+    constructor, which takes those it declares.
+    """
+
+    name: str = "weighted-mean"
+    trim_fraction: float = 0.1
+    num_byzantine: int = 0
+    clip_norm: float = 0.0
+    krum_select: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "aggregator.name must be a registered name or 'package.module:Class'")
+        _require(0 <= self.trim_fraction < 0.5, "aggregator.trim_fraction must be in [0, 0.5)")
+        _require(self.num_byzantine >= 0, "aggregator.num_byzantine must be >= 0")
+        _require(self.clip_norm >= 0, "aggregator.clip_norm must be >= 0 (0 = adaptive median norm)")
+        _require(self.krum_select >= 0, "aggregator.krum_select must be >= 0 (0 = n - f)")
+
+    def options(self) -> dict[str, float | int]:
+        return {
+            "trim_fraction": self.trim_fraction,
+            "num_byzantine": self.num_byzantine,
+            "clip_norm": self.clip_norm,
+            "krum_select": self.krum_select,
+        }
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    """``[lora]``: the LoRA-FedAvg (FedIT) baseline: peft LoRA, local first-order AdamW steps.
+
+    rank/alpha/dropout: LoRA hyper-parameters; lr: AdamW learning rate; local_steps and
+    batch_size: per client per round.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    lr: float = 2e-4
+    local_steps: int = 10
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank must be >= 1")
+        _require(self.alpha >= 1, "lora.alpha must be >= 1")
+        _require(0 <= self.dropout < 1, "lora.dropout must be in [0, 1)")
+        _require(0 < self.lr < 1, "lora.lr must be in (0, 1)")
+        _require(self.local_steps >= 1, "lora.local_steps must be >= 1")
+        _require(self.batch_size >= 1, "lora.batch_size must be >= 1")
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: one section per concern. Build it with :meth:`from_flat` or :meth:`load`."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    zo: ZOSection = field(default_factory=ZOSection)
+    fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
+    aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+
+    SECTIONS: ClassVar[tuple[str, ...]] = (
+        "run",
+        "model",
+        "data",
+        "federation",
+        "zo",
+        "fedkseed",
+        "aggregator",
+        "lora",
+    )
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_flat(self) -> dict[str, Scalar]:
+        """Dotted kebab-case keys, as Flower's run config holds them."""
+        flat: dict[str, Scalar] = {}
+        for section in self.SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                flat[f"{section}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section in self.SECTIONS:
+            lines.append(f"[{section}]")
+            for f in dataclasses.fields(getattr(self, section)):
+                lines.append(
+                    f"{f.name.replace('_', '-')} = {_toml_value(getattr(getattr(self, section), f.name))}"
+                )
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Overlay dotted keys (``"zo.lr"``) on ``base`` (defaults when None); unknown keys raise."""
+        base = base or cls()
+        by_section: dict[str, dict[str, Any]] = {s: {} for s in cls.SECTIONS}
+        for key, value in values.items():
+            section, _, name = str(key).partition(".")
+            if section not in by_section or not name:
+                raise ValueError(
+                    f"unknown config key {key!r}: keys look like 'section.key' with section one of "
+                    f"{', '.join(cls.SECTIONS)}"
+                )
+            by_section[section][name] = value
+        sections = {s: _section_from(getattr(base, s), s, by_section[s]) for s in cls.SECTIONS}
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Read a TOML file (tables per section), then apply dotted ``overrides``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(
+                f"config file {p} does not exist; pass a TOML file such as simulations/default.toml"
+            )
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{p} is not valid TOML: {exc}") from exc
+        return cls.from_flat({**flatten(data), **dict(overrides or {})})
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> dotted keys, the way Flower flattens run configs."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _section_from(base: T, section: str, values: Mapping[str, Any]) -> T:
+    hints = get_type_hints(type(base))
+    fields = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        name = raw_key.replace("-", "_")
+        if name not in fields or raw_key != name.replace("_", "-"):
+            known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+            raise ValueError(f"unknown config key '{section}.{raw_key}'; known keys in [{section}]: {known}")
+        kwargs[name] = _coerce(f"{section}.{raw_key}", hints[name], value)
+    return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Scalar:
+    # TOML and Flower's run config keep ints and floats apart; accept an int where a float is
+    # expected (lr = 1 is fine), nothing looser.
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"unsupported config type for {key}")
+    is_bool = isinstance(value, bool)
+    if (hint is bool and is_bool) or (hint is int and isinstance(value, int) and not is_bool):
+        return value  # type: ignore[no-any-return]
+    if hint is float and isinstance(value, int | float) and not is_bool:
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{key} must be of type {hint.__name__}, got {type(value).__name__} {value!r}")

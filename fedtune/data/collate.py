@@ -1,0 +1,191 @@
+"""Turn (prompt, answer) text into tensors: right-padded training batches, left-padded prompts.
+
+Prompt and answer are tokenized separately, exactly as generation sees them (the model continues
+after the formatted prompt), so the trained answer tokens are the ones greedy decoding produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.data.batch import TokenBatch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PromptBatch",
+    "encode_examples",
+    "encode_prompts",
+    "format_prompt",
+    "generate_answers",
+]
+
+IGNORE_INDEX = -100  # HF causal-LM convention: positions the loss skips
+
+
+def _has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text the model sees before its answer: the chat template when there is one."""
+    if _has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+        return text
+    return f"{prompt}\n"
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    # A chat template already spells out its special tokens; plain prompts get the tokenizer's BOS.
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"]
+    return ids
+
+
+def _special_id(tokenizer: PreTrainedTokenizerBase, which: str) -> int:
+    value = getattr(tokenizer, f"{which}_token_id", None)
+    if not isinstance(value, int):
+        raise ValueError(
+            f"The tokenizer has no {which} token; set tokenizer.{which}_token (see load_tokenizer)"
+        )
+    return value
+
+
+def _check_batch_args(prompts: Sequence[str], max_length: int) -> None:
+    if len(prompts) == 0:
+        raise ValueError("Cannot encode an empty batch of prompts")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1; got {max_length}")
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *, max_length: int
+) -> TokenBatch:
+    """Tokenize (prompt, answer + EOS) pairs into a right-padded :class:`TokenBatch`.
+
+    Labels are -100 on prompt and padding, so the loss covers only the answer (and the EOS that
+    teaches the model to stop). Over-long examples lose prompt tokens from the left: the answer
+    is the training signal and must survive; only an answer alone longer than ``max_length``
+    is an error.
+    """
+    _check_batch_args(prompts, max_length)
+    if isinstance(answers, str) or len(answers) != len(prompts):
+        raise ValueError(f"Need one answer per prompt; got {len(prompts)} prompts and {len(answers)} answers")
+    eos_id = _special_id(tokenizer, "eos")
+    pad_id = _special_id(tokenizer, "pad")
+    prompt_ids = _prompt_ids(tokenizer, prompts)
+    answer_ids: list[list[int]] = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+
+    rows: list[tuple[list[int], list[int]]] = []
+    for i, (p_ids, a_ids) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+        a_ids = [*a_ids, eos_id]
+        if len(a_ids) > max_length:
+            raise ValueError(
+                f"Example {i}: the answer is {len(a_ids)} tokens with EOS, more than "
+                f"max_length={max_length}; raise max_length or filter long answers"
+            )
+        keep = max_length - len(a_ids)
+        rows.append((p_ids[len(p_ids) - keep :] if keep < len(p_ids) else p_ids, a_ids))
+
+    length = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for i, (p_ids, a_ids) in enumerate(rows):
+        n_p, n = len(p_ids), len(p_ids) + len(a_ids)
+        input_ids[i, :n] = torch.tensor(p_ids + a_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, n_p:n] = torch.tensor(a_ids, dtype=torch.long)
+    return TokenBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded formatted prompts, ready for ``model.generate`` (new tokens append on the right)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.shape != self.attention_mask.shape or self.input_ids.dim() != 2:
+            raise ValueError(
+                "input_ids and attention_mask must share one 2-D shape; got "
+                f"{tuple(self.input_ids.shape)} and {tuple(self.attention_mask.shape)}"
+            )
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_length: int
+) -> PromptBatch:
+    """Tokenize formatted prompts, left-padded; over-long prompts keep their last ``max_length`` tokens."""
+    _check_batch_args(prompts, max_length)
+    pad_id = _special_id(tokenizer, "pad")
+    ids = [p[-max_length:] for p in _prompt_ids(tokenizer, prompts)]
+    length = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, p in enumerate(ids):
+        if p:
+            input_ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, length - len(p) :] = 1
+    return PromptBatch(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_length: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, one per prompt, decoded without special tokens and stripped.
+
+    The model is put in eval mode for the call and its previous mode restored afterwards.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1; got {max_new_tokens}, {batch_size}")
+    if len(prompts) == 0:
+        return []
+    _check_batch_args(prompts, max_length)
+    device = next(model.parameters()).device
+    pad_id, eos_id = _special_id(tokenizer, "pad"), _special_id(tokenizer, "eos")
+    # nn.Module.__getattr__ hides generate()'s real signature from mypy.
+    generate = cast("Callable[..., torch.Tensor]", model.generate)
+    was_training = model.training
+    model.train(False)
+    answers: list[str] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch = encode_prompts(tokenizer, prompts[start : start + batch_size], max_length=max_length)
+                batch = batch.to(device)
+                out = generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_id,
+                )
+                new_tokens = out[:, batch.input_ids.shape[1] :]
+                answers.extend(
+                    s.strip() for s in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                )
+    finally:
+        model.train(was_training)
+    return answers

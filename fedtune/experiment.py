@@ -1,0 +1,52 @@
+"""Everything a run derives from its config, built the same way by the server and every client.
+
+Server and clients each rebuild the task, the held-out split and the partitions from the run
+config alone (deterministic in ``run.seed``), so no data ever crosses the wire.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from fedtune.config import RunConfig
+from fedtune.data.partition import partition_dataset
+from fedtune.data.tasks import build_task, split_heldout
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """train_partitions[i] is client i's private data; heldout stays on the server."""
+
+    train_partitions: tuple[Dataset, ...]
+    heldout: Dataset
+
+
+def build_federated_data(cfg: RunConfig) -> FederatedData:
+    """Task -> held-out split -> capped training pool -> one partition per client."""
+    return _build_cached(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_cached(data_cfg: object, num_clients: int, seed: int) -> FederatedData:
+    from fedtune.config import DataSection
+
+    if not isinstance(data_cfg, DataSection):
+        raise TypeError("data_cfg must be a DataSection")
+    task = build_task(data_cfg.task, seed=seed)
+    if data_cfg.heldout_size >= len(task):
+        raise ValueError(
+            f"data.heldout_size={data_cfg.heldout_size} leaves no training data "
+            f"from {len(task)} examples; lower it"
+        )
+    split = split_heldout(task, heldout_size=data_cfg.heldout_size, seed=seed)
+    train = split.train
+    if data_cfg.max_train_examples and len(train) > data_cfg.max_train_examples:
+        train = train.select(range(data_cfg.max_train_examples))
+    scheme = data_cfg.partition
+    parts = partition_dataset(
+        train, num_partitions=num_clients, scheme=scheme, seed=seed, alpha=data_cfg.alpha
+    )
+    return FederatedData(train_partitions=tuple(parts), heldout=split.heldout)

@@ -1,0 +1,153 @@
+"""FedKSeed client: sync by seed replay, then tau local two-point steps on seeds from the pool.
+
+FedKSeed (Qin et al., ICML 2024, Alg. 1). The client's model always equals
+theta_0 + sum_s C_s z_s for a coefficient vector C it tracks exactly, so syncing to the server's
+accumulator A replays only A - C (the seeds that changed), whatever rounds the client missed.
+A fresh process starts from C = 0 (the pretrained weights) and replays A in full; cost is
+bounded by K.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from fedtune.data.batch import TokenBatch
+from fedtune.wire.codec import ReplyPayload, SparseDelta, SyncPayload, probabilities_from_quantized
+from fedtune.zo import MeZOStep, replay
+
+SEED_SAMPLING_TAG = 0x5EED5
+
+
+class StaleSyncError(RuntimeError):
+    """A sparse sync names a base version this node does not hold; the server must send it dense."""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What a node last learned of the global accumulator: A as of the start of round ``version``.
+
+    Kept on disk between rounds, so sparse syncs work across process restarts.
+    """
+
+    version: int
+    accumulator: npt.NDArray[np.float64]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, version=np.int64(self.version), accumulator=self.accumulator)
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path, num_seeds: int) -> NodeView | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            acc = data["accumulator"].astype(np.float64)
+            if acc.shape != (num_seeds,):
+                return None
+            return NodeView(int(data["version"]), acc)
+
+
+def resolve_accumulator(sync: SyncPayload, view: NodeView | None) -> npt.NDArray[np.float64]:
+    """The full accumulator the server means, from a dense payload or a sparse delta on ``view``."""
+    if isinstance(sync.accumulator, SparseDelta):
+        d = sync.accumulator
+        if view is None or view.version != d.base_round:
+            have = "nothing" if view is None else f"round {view.version}"
+            raise StaleSyncError(f"sparse sync against round {d.base_round}, but this node holds {have}")
+        acc = view.accumulator.copy()
+        acc[d.indices.astype(np.int64)] += d.values.astype(np.float64)
+        return acc
+    return np.asarray(sync.accumulator, dtype=np.float64)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class FedKSeedClient:
+    """A model plus the exact coefficient vector C that separates it from the pretrained weights."""
+
+    def __init__(self, stepper: MeZOStep, *, num_seeds: int, run_seed: int, fingerprint: str) -> None:
+        self.stepper = stepper
+        self.num_seeds = num_seeds
+        self.run_seed = run_seed
+        self.fingerprint = fingerprint
+        self.coefficients = np.zeros(num_seeds, dtype=np.float64)
+
+    def sync_to(self, target: npt.NDArray[np.float64]) -> int:
+        """Replay target - C onto the model; returns how many seeds were replayed."""
+        if target.shape != (self.num_seeds,):
+            raise ValueError(f"accumulator has shape {target.shape}, expected ({self.num_seeds},)")
+        delta = target - self.coefficients
+        nz = np.flatnonzero(delta)
+        if nz.size:
+            replay(self.stepper.tuned, self.stepper.perturbation, (nz, delta[nz]))
+        self.coefficients = target.astype(np.float64, copy=True)
+        return int(nz.size)
+
+    def draw_seeds(self, sync: SyncPayload, node_id: int) -> npt.NDArray[np.int64]:
+        """Seed indices for this round's steps: uniform, or FedKSeed-Pro's importance sampling."""
+        rng = np.random.default_rng(
+            np.random.SeedSequence([SEED_SAMPLING_TAG, self.run_seed, sync.server_round, node_id])
+        )
+        if sync.quantized_probabilities is None:
+            return rng.integers(0, self.num_seeds, size=sync.num_local_steps, dtype=np.int64)
+        p = probabilities_from_quantized(sync.quantized_probabilities)
+        return rng.choice(self.num_seeds, size=sync.num_local_steps, p=p).astype(np.int64)
+
+    def train_round(
+        self,
+        sync: SyncPayload,
+        *,
+        node_id: int,
+        view: NodeView | None,
+        batch_for_step: Callable[[int], TokenBatch],
+        num_examples: int,
+    ) -> tuple[ReplyPayload, NodeView]:
+        """Sync, run the local steps, and return the reply plus the node's new view of A."""
+        if sync.fingerprint != self.fingerprint:
+            raise ValueError(
+                "the server's model/perturbation fingerprint differs from this client's; "
+                "run `fedtune zo-check` "
+                "on both sides and use the same model, tuned parameters and perturbation kind"
+            )
+        if sync.num_seeds != self.num_seeds:
+            raise ValueError(f"server uses K={sync.num_seeds} seeds, this client K={self.num_seeds}")
+        target = resolve_accumulator(sync, view)
+        self.sync_to(target)
+        seeds = self.draw_seeds(sync, node_id)
+        kept_seeds: list[int] = []
+        grads: list[float] = []
+        losses: list[float] = []
+        skipped = 0
+        for t, seed in enumerate(seeds):
+            result = self.stepper.step(batch_for_step(t), int(seed), sync.lr)
+            if result.skipped:
+                skipped += 1
+                continue
+            kept_seeds.append(int(seed))
+            grads.append(result.projected_grad)
+            losses.append(0.5 * (result.loss_plus + result.loss_minus))
+            self.coefficients[int(seed)] -= sync.lr * result.projected_grad
+        reply = ReplyPayload(
+            server_round=sync.server_round,
+            num_seeds=self.num_seeds,
+            num_examples=num_examples,
+            seed_indices=np.asarray(kept_seeds, dtype=np.int64),
+            projected_grads=np.asarray(grads, dtype=np.float32),
+            # All steps skipped (NaN losses): report 0 loss; the skipped count says what happened.
+            train_loss=float(np.mean(losses)) if losses else 0.0,
+            num_skipped_steps=skipped,
+            peak_memory_mb=peak_rss_mb(),
+            fingerprint=self.fingerprint,
+        )
+        return reply, NodeView(sync.server_round, target)

@@ -1,0 +1,46 @@
+"""Programmatic simulation on Flower's Ray runtime, behind one swappable function.
+
+``flwr.simulation.run_simulation`` is deprecated in Flower 1.42 and passes an empty run config,
+so the whole :class:`RunConfig` travels as overrides baked into both apps. ``flwr run .`` (the
+supported path) reads the same keys from ``pyproject.toml`` and ``--run-config``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from fedtune.config import RunConfig
+
+
+def simulate(cfg: RunConfig) -> dict[str, Any]:
+    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; returns the run summary."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation
+
+    from fedtune.flower.apps import build_client_app, build_server_app
+
+    flat = cfg.to_flat()
+    results: list[dict[str, Any]] = []
+    fed = cfg.federation
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        run_simulation(
+            server_app=build_server_app(flat, results=results),
+            client_app=build_client_app(flat),
+            num_supernodes=fed.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+                "init_args": {
+                    "num_cpus": max(fed.client_cpus, os.cpu_count() or 1),
+                    "logging_level": "ERROR",
+                    "log_to_driver": True,
+                },
+            },
+        )
+    if not results:
+        raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp error")
+    return results[-1]

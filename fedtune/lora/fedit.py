@@ -1,0 +1,108 @@
+"""LoRA-FedAvg, the FedIT baseline (Zhang et al., "Towards Building the Federated GPT: Federated
+Instruction Tuning", ICASSP 2024): peft LoRA adapters trained locally with AdamW, averaged by
+the server. Flower-free; :mod:`fedtune.flower.lora_apps` wires it to Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from fedtune.config import LoRASection
+from fedtune.data.batch import TokenBatch
+from fedtune.zo.loss import answer_loss
+
+LORA_INIT_TAG = 0x10BA
+# Attention projections of Llama-style decoders (SmolLM2): the FedIT / FlowerTune choice.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+AdapterArrays = dict[str, npt.NDArray[np.float32]]
+
+
+def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters, initialised from an explicit generator.
+
+    peft's default init draws from torch's global RNG; re-drawing lora_A from a keyed generator
+    (same kaiming-uniform bound, lora_B = 0 as in LoRA) makes the starting adapter reproducible
+    without seeding anything global.
+    """
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(DEFAULT_TARGETS),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    gen = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([LORA_INIT_TAG, seed]).generate_state(1)[0])
+    )
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_A" in name:
+                bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+                param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
+            elif "lora_B" in name:
+                param.zero_()
+    return peft_model
+
+
+def adapter_arrays(model: PeftModel) -> AdapterArrays:
+    """The trainable adapter tensors as float32 numpy arrays, by parameter name."""
+    return {
+        name: p.detach().to("cpu", torch.float32).numpy().copy()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    """Copy ``arrays`` into the adapter; names and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unknown = set(params) - set(arrays), set(arrays) - set(params)
+    if missing or unknown:
+        raise ValueError(
+            f"adapter arrays do not match the model: missing {sorted(missing)[:3]}, "
+            f"unknown {sorted(unknown)[:3]}; "
+            "server and clients must use the same model and lora.rank"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = np.asarray(arrays[name])
+            if value.shape != tuple(p.shape):
+                raise ValueError(f"adapter {name}: shape {value.shape}, expected {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    train_loss: float
+    steps: int
+
+
+def train_local(
+    model: PeftModel, *, batch_for_step: Callable[[int], TokenBatch], steps: int, lr: float
+) -> LocalResult:
+    """FedIT local update: a fresh AdamW for this round's steps (optimizer state is not shared)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    device = params[0].device
+    base = model.get_base_model()  # the decoder with LoRA layers injected in place
+    losses: list[float] = []
+    for t in range(steps):
+        loss = answer_loss(base, batch_for_step(t).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return LocalResult(train_loss=float(np.mean(losses)), steps=steps)

@@ -1,0 +1,104 @@
+"""Per-run bookkeeping shared by every algorithm: run folder, progress line, JSONL, plots, summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from fedtune.config import RunConfig
+from fedtune.runlog import MetricsLog, MetricValue, plot_curves
+
+console = Console(stderr=False, highlight=False)
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``output_dir/name/YYYYmmdd-HHMMSS[-n]``: never overwrites an earlier run."""
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    path.mkdir(parents=True)
+    (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    return path
+
+
+def _numbers(records: list[dict[str, MetricValue]], key: str) -> list[float]:
+    return [float(v) for r in records if isinstance(v := r.get(key), int | float)]
+
+
+@dataclass
+class RunRecorder:
+    """Writes one JSONL record per round (plus round 0, the untuned model) and the plots."""
+
+    run_dir: Path
+    cfg: RunConfig
+    quiet: bool = False
+    records: list[dict[str, MetricValue]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._t0 = time.perf_counter()
+
+    def record(self, values: Mapping[str, MetricValue]) -> None:
+        rec = dict(values)
+        rec["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
+        self.records.append(rec)
+        self.metrics.append(rec)
+        if not self.quiet:
+            console.print(self._progress_line(rec))
+
+    def _progress_line(self, rec: Mapping[str, MetricValue]) -> str:
+        def fmt(key: str, spec: str) -> str:
+            v = rec.get(key)
+            return format(v, spec) if isinstance(v, int | float) else "-"
+
+        return (
+            f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]  "
+            f"train {fmt('train_loss', '.4f')}  held-out {fmt('heldout_loss', '.4f')}  "
+            f"Rouge-L {fmt('rouge_l', '.2f')}  EM {fmt('exact_match', '.3f')}  "
+            f"up {fmt('payload_bytes_up', ',.0f')} B  down {fmt('payload_bytes_down', ',.0f')} B  "
+            f"{fmt('round_s', '.1f')} s"
+        )
+
+    def finish(self, extra: Mapping[str, MetricValue] | None = None) -> dict[str, MetricValue]:
+        """Plots and ``summary.json``; returns the summary (first vs last evaluated round)."""
+        evaluated = [r for r in self.records if isinstance(r.get("heldout_loss"), int | float)]
+        summary: dict[str, MetricValue] = {
+            "run_dir": str(self.run_dir),
+            "algorithm": self.cfg.run.algorithm,
+            "rounds": int(max(_numbers(self.records, "round"), default=0)),
+            "wall_s": round(time.perf_counter() - self._t0, 1),
+        }
+        if evaluated:
+            first, last = evaluated[0], evaluated[-1]
+            for key in ("heldout_loss", "rouge_l", "exact_match"):
+                summary[f"initial_{key}"] = first.get(key)
+                summary[f"final_{key}"] = last.get(key)
+        trained = [r for r in self.records if isinstance(r.get("payload_bytes_up"), int | float)]
+        if trained:
+            for key in ("payload_bytes_up", "payload_bytes_down", "message_bytes_up", "message_bytes_down"):
+                vals = _numbers(trained, key)
+                summary[f"mean_{key}"] = round(sum(vals) / len(vals), 1) if vals else None
+            secs = _numbers(trained, "round_s")
+            summary["mean_round_s"] = round(sum(secs) / len(secs), 2) if secs else None
+            peaks = _numbers(trained, "client_peak_mb")
+            summary["client_peak_mb"] = round(max(peaks), 1) if peaks else None
+        summary.update(extra or {})
+        if len(self.records) > 1:
+            plot_curves(
+                self.records,
+                self.run_dir / "curves.png",
+                title=f"{self.cfg.run.algorithm}: {self.cfg.run.name}",
+            )
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        if not self.quiet:
+            console.print("[bold green]final[/bold green] " + json.dumps(summary))
+        return summary

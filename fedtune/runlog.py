@@ -1,0 +1,85 @@
+"""Run folders: resolved config, per-round metrics as JSONL, and PNG plots a person can look at."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+MetricValue = int | float | str | bool | None
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes, so a crashed run keeps what it measured."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: Mapping[str, MetricValue]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean.setdefault("time", round(time.time(), 3))
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, MetricValue]]:
+        return read_jsonl(self.path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, MetricValue]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out: list[dict[str, MetricValue]] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{n} is not valid JSON ({exc}); the metrics file is corrupt") from exc
+    return out
+
+
+def plot_curves(
+    records: Sequence[Mapping[str, MetricValue]],
+    png_path: str | Path,
+    *,
+    x: str = "round",
+    panels: Sequence[tuple[str, str]] = (
+        ("heldout_loss", "held-out answer loss"),
+        ("rouge_l", "Rouge-L (%)"),
+        ("train_loss", "train loss (clients)"),
+    ),
+    title: str = "",
+) -> Path:
+    """One panel per metric against ``x``; metrics missing from every record are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [(k, label) for k, label in panels if any(isinstance(r.get(k), int | float) for r in records)]
+    if not present:
+        raise ValueError(f"no plottable metrics among {[k for k, _ in panels]} in {len(records)} records")
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], present, strict=True):
+        pts = [
+            (r[x], r[key])
+            for r in records
+            if isinstance(r.get(key), int | float) and isinstance(r.get(x), int | float)
+        ]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

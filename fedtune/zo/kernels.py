@@ -1,0 +1,78 @@
+"""In-place axpy kernels over tuned tensors: theta += alpha * z without materializing z for the whole model.
+
+Sign vectors are expanded from packed bits through a 256-entry lookup table one cache-sized chunk at a
+time, so a Rademacher pass costs little more than a plain ``add_`` pass. Work over tensors is spread over a
+few Python threads (torch releases the GIL), each owning its scratch buffers, so nothing mutable is shared.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from fedtune.zo.perturbation import sign_lut
+
+CPU_CHUNK = 1 << 18
+"""Elements expanded per chunk on CPU (1 MiB of float32: stays in L2 between expansion and add)."""
+CUDA_CHUNK = 1 << 22
+"""Elements per chunk on accelerators, where cache residency matters less than launch count."""
+
+
+class SignWorkspace:
+    """Scratch for applying packed +-1 directions on one device; one per worker thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.chunk = CPU_CHUNK if device.type == "cpu" else CUDA_CHUNK
+        self.lut = sign_lut(device)
+        self.index = torch.empty(self.chunk // 8, dtype=torch.int32, device=device)
+        self.values = torch.empty(self.chunk // 8, 8, dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * 4 + self.values.numel() * 4
+
+    def axpy_(self, target: torch.Tensor, packed: torch.Tensor, alpha: float) -> None:
+        """``target += alpha * signs(packed)`` for a flat float32 ``target`` on the workspace device."""
+        n = target.numel()
+        for start in range(0, n, self.chunk):
+            stop = min(n, start + self.chunk)
+            n_bytes = (stop - start + 7) // 8
+            index = self.index[:n_bytes]
+            index.copy_(packed[start // 8 : start // 8 + n_bytes])
+            values = self.values[:n_bytes]
+            torch.index_select(self.lut, 0, index, out=values)
+            target[start:stop].add_(values.view(-1)[: stop - start], alpha=alpha)
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The 1-D view of a tuned tensor that kernels write through (no copy)."""
+    return tensor.detach().view(-1)
+
+
+def balanced_groups(numels: Sequence[int], groups: int) -> list[list[int]]:
+    """Split positions into at most ``groups`` lists of similar total size (longest-first greedy).
+
+    Each list keeps increasing position order so a worker walks memory in model order.
+    """
+    groups = max(1, min(groups, len(numels)))
+    heap = [(0, g) for g in range(groups)]
+    out: list[list[int]] = [[] for _ in range(groups)]
+    for position in sorted(range(len(numels)), key=lambda p: (-numels[p], p)):
+        load, g = heapq.heappop(heap)
+        out[g].append(position)
+        heapq.heappush(heap, (load + numels[position], g))
+    return [sorted(group) for group in out if group]
+
+
+def run_groups(groups: Sequence[Sequence[int]], work: Callable[[int, Sequence[int]], None]) -> None:
+    """Run ``work(group_id, positions)`` for every group, concurrently when there is more than one."""
+    if len(groups) == 1:
+        work(0, groups[0])
+        return
+    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="fedtune-zo") as pool:
+        futures = [pool.submit(work, g, positions) for g, positions in enumerate(groups)]
+        for future in futures:
+            future.result()  # re-raise the first worker error in the caller

@@ -26,18 +26,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
+from transformers import PreTrainedModel
 
-from fedtune.assets.models import load_causal_lm  # noqa: E402
-from fedtune.data.batch import TokenBatch  # noqa: E402
-from fedtune.zo import MeZOStep, ParamSelection, ZOConfig, answer_loss, select_parameters  # noqa: E402
+from fedtune.assets.models import load_causal_lm
+from fedtune.data.batch import TokenBatch
+from fedtune.zo import MeZOStep, ParamSelection, ZOConfig, answer_loss, select_parameters
 
 EPS, LR = 1e-3, 1e-6
 BATCH, LENGTH, ANSWER = 8, 64, 8
 
 
-def load(quick: bool) -> nn.Module:
+def load(quick: bool) -> PreTrainedModel:
     return load_causal_lm("smollm2-135m", num_layers=2 if quick else None)
 
 
@@ -77,14 +78,18 @@ def reference_step(model: nn.Module, params: list[nn.Parameter], batch: TokenBat
     return grad
 
 
-def median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: allocator, caches, lazy buffers
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def interleaved_medians(jobs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall time per job; jobs alternate within each repetition so load from other processes on a
+    shared machine hits all of them alike. One warm-up call each (allocator, caches, lazy buffers)."""
+    for fn in jobs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(reps):
+        for name, fn in jobs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 class PeakRss:
@@ -157,7 +162,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2-layer slice, 3 repetitions")
     parser.add_argument("--kinds", default="gaussian,rademacher", help="comma-separated perturbation kinds")
     parser.add_argument("--cache-z", default="auto", choices=["auto", "always", "never"])
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 quick, 3 full)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3)")
     parser.add_argument("--memory", choices=["inference", "zo"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -182,25 +187,35 @@ def main() -> None:
             for p, z in zip(params, zeros, strict=True):
                 p.add_(z, alpha=EPS)
 
-    two_forward_s = median_time(two_forward, reps)
-    axpy_pass_s = median_time(axpy_pass, reps)
-    del zeros
     seeds = iter(range(10_000))
-    reference_step_s = median_time(lambda: reference_step(model, params, batch, next(seeds)), reps)
+    steppers = {
+        kind: MeZOStep(model, tuned, ZOConfig(eps=EPS, kind=kind, cache_z=args.cache_z), run_seed=0)  # type: ignore[arg-type]
+        for kind in kinds
+    }
+    jobs: dict[str, Callable[[], object]] = {
+        "two_forward": two_forward,
+        "axpy_pass": axpy_pass,
+        "reference": lambda: reference_step(model, params, batch, next(seeds)),
+        **{kind: (lambda s=s: s.step(batch, next(seeds), LR)) for kind, s in steppers.items()},  # type: ignore[misc]
+    }
+    times = interleaved_medians(jobs, reps)
+    two_forward_s, axpy_pass_s, reference_step_s = (
+        times["two_forward"],
+        times["axpy_pass"],
+        times["reference"],
+    )
     inference = memory_in_subprocess(args.quick, "inference", kinds[0], args.cache_z)
 
     variants: dict[str, dict[str, object]] = {}
     for kind in kinds:
-        config = ZOConfig(eps=EPS, kind=kind, cache_z=args.cache_z)  # type: ignore[arg-type]
-        stepper = MeZOStep(model, tuned, config, run_seed=0)
-        zo_step_s = median_time(lambda s=stepper: s.step(batch, next(seeds), LR), reps)  # type: ignore[misc]
+        zo_step_s = times[kind]
         zo_memory = memory_in_subprocess(args.quick, "zo", kind, args.cache_z)
         zo_peak, inference_peak = float(zo_memory["peak_mb"]), float(inference["peak_mb"])
         overhead = zo_step_s - two_forward_s
         variants[kind] = {
             "kind": kind,
             "cache_z": args.cache_z,
-            "cached_tensors": f"{len(stepper.direction.cached)}/{len(params)}",
+            "cached_tensors": f"{len(steppers[kind].direction.cached)}/{len(params)}",
             "zo_step_s": round(zo_step_s, 4),
             "step_over_two_forward": round(zo_step_s / two_forward_s, 3),
             "speedup_vs_reference": round(reference_step_s / zo_step_s, 3),
@@ -214,8 +229,6 @@ def main() -> None:
                 "zo_peak<=1.2x_inference": zo_peak <= 1.2 * inference_peak,
             },
         }
-        del stepper
-        gc.collect()
 
     first = variants[kinds[0]]
     summary = {
@@ -229,7 +242,10 @@ def main() -> None:
         "axpy_pass_s": round(axpy_pass_s, 4),
         "inference_peak_mb": round(float(inference["peak_mb"]), 1),
         "memory_method": inference["method"],
-        **{k: first[k] for k in ("kind", "cache_z", "zo_step_s", "step_over_two_forward", "speedup_vs_reference")},
+        **{
+            k: first[k]
+            for k in ("kind", "cache_z", "zo_step_s", "step_over_two_forward", "speedup_vs_reference")
+        },
         "zo_peak_mb": first["zo_peak_mb"],
         "variants": variants,
     }

@@ -80,22 +80,21 @@ def replay(
         accumulator: torch.Tensor | None = None
         z_cpu = torch.empty(size, dtype=torch.float32) if perturbation.kind == "gaussian" else None
         signs: SignWorkspace | None = None
-        with torch.inference_mode():
-            for position in positions:
-                target = flat_view(tuned.tensors[position])
-                n = target.numel()
-                if accumulator is None or accumulator.device != target.device:
-                    accumulator = torch.empty(size, dtype=torch.float32, device=target.device)
-                acc = accumulator[:n].zero_()
-                for seed, value in pairs:
-                    if z_cpu is not None:
-                        z = perturbation.fill_gaussian(seed, position, z_cpu)
-                        acc.add_(z if target.device.type == "cpu" else z.to(target.device), alpha=value)
-                    else:
-                        if signs is None or signs.lut.device != target.device:
-                            signs = SignWorkspace(target.device)
-                        signs.axpy_(acc, perturbation.packed_signs(seed, position).to(target.device), value)
-                target.add_(acc)
+        for position in positions:
+            target = flat_view(tuned.tensors[position])
+            n = target.numel()
+            if accumulator is None or accumulator.device != target.device:
+                accumulator = torch.empty(size, dtype=torch.float32, device=target.device)
+            acc = accumulator[:n].zero_()
+            for seed, value in pairs:
+                if z_cpu is not None:
+                    z = perturbation.fill_gaussian(seed, position, z_cpu)
+                    acc.add_(z if target.device.type == "cpu" else z.to(target.device), alpha=value)
+                else:
+                    if signs is None or signs.lut.device != target.device:
+                        signs = SignWorkspace(target.device)
+                    signs.axpy_(acc, perturbation.packed_signs(seed, position).to(target.device), value)
+            target.add_(acc)
 
     run_groups(groups, work)
     return len(pairs)

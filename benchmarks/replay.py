@@ -1,6 +1,6 @@
 """Seed replay (FedKSeed's model sync) against a naive seed-by-seed, tensor-by-tensor loop.
 
-Usage: ``python benchmarks/replay.py [--quick]`` (``--quick``: the 2-layer SmolLM2 slice, K = 256 and 1024).
+Usage: ``python benchmarks/replay.py [--quick]`` (``--quick``: the 2-layer SmolLM2 slice, K = 256 and 512).
 For each K, ``K * nonzero_fraction`` seeds get random non-zero coefficients (a round of FedKSeed touches a
 subset of the pool). ``replay_s`` times :func:`fedtune.zo.replay`; ``naive_replay_s`` regenerates each seed's
 direction into fresh tensors and adds them one at a time, undoing the replay, so ``restore_rel_err`` checks
@@ -32,6 +32,11 @@ def naive_replay(tuned: TunedParameters, perturbation: Perturbation, dense: np.n
                 tensor.add_(perturbation.materialize(int(seed), position), alpha=float(dense[seed]))
 
 
+def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    total = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(a, b, strict=True))
+    return float(total**0.5)
+
+
 def coefficients(k: int, nonzero: int) -> np.ndarray:
     draws = np.random.Generator(np.random.PCG64(np.random.SeedSequence([7, k])))
     dense = np.zeros(k)
@@ -50,14 +55,14 @@ def main() -> None:
     model = load_causal_lm("smollm2-135m", num_layers=2 if args.quick else None)
     tuned = select_parameters(model, ParamSelection())
     weights = [t.detach().clone() for t in tuned.tensors]
-    norm = float(torch.sqrt(sum((w.double() ** 2).sum() for w in weights)))
+    norm = distance(weights, [torch.zeros_like(w) for w in weights])
     results: dict[str, dict[str, object]] = {}
     for kind in args.kinds.split(","):
         perturbation = Perturbation(kind=kind, run_seed=0, shapes=tuned.shapes)  # type: ignore[arg-type]
         replay(tuned, perturbation, coefficients(8, 1), threads=args.threads)  # warm-up (buffers, LUT)
         for t, w in zip(tuned.tensors, weights, strict=True):
             t.data.copy_(w)
-        for k in (256, 1024) if args.quick else (1024, 4096):
+        for k in (256, 512) if args.quick else (1024, 4096):
             dense = coefficients(k, max(1, int(k * args.nonzero_fraction)))
             start = time.perf_counter()
             applied = replay(tuned, perturbation, dense, threads=args.threads)
@@ -65,14 +70,7 @@ def main() -> None:
             start = time.perf_counter()
             naive_replay(tuned, perturbation, -dense)
             naive_s = time.perf_counter() - start
-            diff = float(
-                torch.sqrt(
-                    sum(
-                        ((t.detach() - w).double() ** 2).sum()
-                        for t, w in zip(tuned.tensors, weights, strict=True)
-                    )
-                )
-            )
+            diff = distance([t.detach() for t in tuned.tensors], weights)
             for t, w in zip(tuned.tensors, weights, strict=True):
                 t.data.copy_(w)
             results[f"{kind}_K{k}"] = {

@@ -1,12 +1,12 @@
 """Time and memory of one MeZO step on SmolLM2-135M against a plain MeZO reference step.
 
-Usage: ``python benchmarks/zo_step.py [--quick]`` (``--quick``: the 2-layer slice, fewer repetitions).
+Usage: ``python benchmarks/zo_step.py [--quick]`` (``--quick``: the 2-layer slice).
 The last printed line is one JSON object. Times are medians over repetitions after one warm-up.
 
-Memory: each mode runs in a fresh subprocess that loads the model, resets the kernel's peak-RSS mark
-(``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the measured work; ``*_peak_mb`` is that peak
-(the whole process: runtime, weights, activations, caches). Where clear_refs is unavailable a 1 ms RSS
-sampling thread is used instead (``memory_method`` says which).
+Memory: a fresh subprocess loads the model, then for each mode (two forwards; two ZO steps per kind) resets
+the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the work;
+``*_peak_mb`` is that peak (the whole process: runtime, weights, activations, caches). Where clear_refs is
+unavailable a 1 ms RSS sampling thread is used instead (``memory_method`` says which).
 """
 
 from __future__ import annotations
@@ -132,28 +132,38 @@ class PeakRss:
             self.peak_mb = self._peak / 2**20
 
 
-def measure_memory(quick: bool, mode: str, kind: str, cache_z: str) -> dict[str, float | str]:
-    """Run inside a fresh subprocess: peak RSS of two forwards ('inference') or of ZO steps ('zo')."""
+def measure_memory(quick: bool, kinds: list[str], cache_z: str) -> dict[str, dict[str, float | str]]:
+    """Run inside a fresh subprocess: peak RSS of two forwards, then of two ZO steps per kind.
+
+    The peak mark is reset before each mode; the steppers' buffers are large mmap-backed allocations that go
+    back to the OS when freed, so one mode does not inflate the next.
+    """
     model = load(quick)
     batch = random_batch(model.config.vocab_size)
     tuned = select_parameters(model, ParamSelection())
-    stepper = MeZOStep(model, tuned, ZOConfig(eps=EPS, kind=kind, cache_z=cache_z), run_seed=0)  # type: ignore[arg-type]
+    out: dict[str, dict[str, float | str]] = {}
     gc.collect()
-    with PeakRss() as rss:
-        for seed in range(2):
-            if mode == "inference":
-                with torch.inference_mode():
-                    answer_loss(model, batch)
-                    answer_loss(model, batch)
-            else:
+    with PeakRss() as rss, torch.inference_mode():
+        for _ in range(2):
+            answer_loss(model, batch)
+            answer_loss(model, batch)
+    out["inference"] = {"peak_mb": rss.peak_mb, "baseline_mb": rss.baseline_mb, "method": rss.method}
+    for kind in kinds:
+        stepper = MeZOStep(model, tuned, ZOConfig(eps=EPS, kind=kind, cache_z=cache_z), run_seed=0)  # type: ignore[arg-type]
+        gc.collect()
+        with PeakRss() as rss:
+            for seed in range(2):
                 stepper.step(batch, seed, LR)
-    return {"peak_mb": rss.peak_mb, "baseline_mb": rss.baseline_mb, "method": rss.method}
+        out[kind] = {"peak_mb": rss.peak_mb, "baseline_mb": rss.baseline_mb, "method": rss.method}
+        del stepper
+        gc.collect()
+    return out
 
 
-def memory_in_subprocess(quick: bool, mode: str, kind: str, cache_z: str) -> dict[str, float | str]:
-    cmd = [sys.executable, __file__, "--memory", mode, "--kinds", kind, "--cache-z", cache_z]
+def memory_in_subprocess(quick: bool, kinds: list[str], cache_z: str) -> dict[str, dict[str, float | str]]:
+    cmd = [sys.executable, __file__, "--memory", "--kinds", ",".join(kinds), "--cache-z", cache_z]
     done = subprocess.run([*cmd, *(["--quick"] if quick else [])], capture_output=True, text=True, check=True)
-    result: dict[str, float | str] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, dict[str, float | str]] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -163,11 +173,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="gaussian,rademacher", help="comma-separated perturbation kinds")
     parser.add_argument("--cache-z", default="auto", choices=["auto", "always", "never"])
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3)")
-    parser.add_argument("--memory", choices=["inference", "zo"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     if args.memory:
-        print(json.dumps(measure_memory(args.quick, args.memory, kinds[0], args.cache_z)))
+        print(json.dumps(measure_memory(args.quick, kinds, args.cache_z)))
         return
     reps = args.reps or 3
 
@@ -204,12 +214,13 @@ def main() -> None:
         times["axpy_pass"],
         times["reference"],
     )
-    inference = memory_in_subprocess(args.quick, "inference", kinds[0], args.cache_z)
+    memory = memory_in_subprocess(args.quick, kinds, args.cache_z)
+    inference = memory["inference"]
 
     variants: dict[str, dict[str, object]] = {}
     for kind in kinds:
         zo_step_s = times[kind]
-        zo_memory = memory_in_subprocess(args.quick, "zo", kind, args.cache_z)
+        zo_memory = memory[kind]
         zo_peak, inference_peak = float(zo_memory["peak_mb"]), float(inference["peak_mb"])
         overhead = zo_step_s - two_forward_s
         variants[kind] = {
@@ -236,6 +247,7 @@ def main() -> None:
         "model": "smollm2-135m" + (" (2-layer slice)" if args.quick else ""),
         "batch": f"{BATCH}x{LENGTH}, {ANSWER} answer tokens",
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "num_params": sum(p.numel() for p in params),
         "two_forward_s": round(two_forward_s, 4),
         "reference_step_s": round(reference_step_s, 4),

@@ -25,7 +25,7 @@ from fedtune.eval import HeldoutEvaluator
 from fedtune.experiment import build_federated_data
 from fedtune.fedkseed.client import peak_rss_mb
 from fedtune.flower.records import message_nbytes
-from fedtune.flower.strategy import SAMPLING_TAG
+from fedtune.flower.strategy import sample_nodes
 from fedtune.lora import adapter_arrays, add_lora, load_adapter_arrays, train_local
 from fedtune.lora.server import AdapterReply, LoRAFedAvgServer
 from fedtune.recorder import RunRecorder, new_run_dir
@@ -67,13 +67,9 @@ class LoRAFedAvgStrategy(Strategy):
         if self.stopped:
             return []
         self._t0 = time.perf_counter()
-        nodes = sorted(grid.get_node_ids())
-        want = self.cfg.federation.clients_per_round
-        while len(nodes) < want:
-            time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
-        rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_TAG, self.cfg.run.seed, server_round]))
-        chosen = sorted(int(n) for n in rng.choice(nodes, size=want, replace=False))
+        chosen = sample_nodes(
+            grid, self.cfg.federation.clients_per_round, run_seed=self.cfg.run.seed, server_round=server_round
+        )
         self._expected = set(chosen)
         record = ArrayRecord({k: Array(v) for k, v in self.server.global_arrays.items()})
         conf = ConfigRecord({"server-round": server_round})

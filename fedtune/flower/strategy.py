@@ -48,6 +48,25 @@ class RoundTraffic:
         }
 
 
+def sample_nodes(
+    grid: Grid, wanted: int, *, run_seed: int, server_round: int, wait_s: float = 300.0
+) -> list[int]:
+    """Wait until ``wanted`` nodes are connected, then sample them with a generator keyed by the round."""
+    deadline = time.monotonic() + wait_s
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < wanted:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} nodes connected after {wait_s:.0f} s, {wanted} needed; "
+                "start more SuperNodes or lower federation.clients-per-round"
+            )
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_TAG, run_seed, server_round]))
+    # Index, never convert: Flower node ids are uint64 and would wrap in an int64 array.
+    return sorted(int(nodes[i]) for i in rng.choice(len(nodes), size=wanted, replace=False))
+
+
 class FedKSeedStrategy(Strategy):
     """FedKSeed / FedKSeed-Pro (Qin et al., ICML 2024) on Flower's Message API."""
 
@@ -72,19 +91,13 @@ class FedKSeedStrategy(Strategy):
 
     # -- sampling ------------------------------------------------------------------------------
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
-        wanted = self.cfg.federation.clients_per_round
-        deadline = time.monotonic() + self.node_wait_s
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < wanted:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} nodes connected after {self.node_wait_s:.0f} s, "
-                    f"{wanted} needed; start more SuperNodes or lower federation.clients-per-round"
-                )
-            time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
-        rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_TAG, self.cfg.run.seed, server_round]))
-        return sorted(int(n) for n in rng.choice(nodes, size=wanted, replace=False))
+        return sample_nodes(
+            grid,
+            self.cfg.federation.clients_per_round,
+            run_seed=self.cfg.run.seed,
+            server_round=server_round,
+            wait_s=self.node_wait_s,
+        )
 
     # -- Strategy hooks ------------------------------------------------------------------------
     def configure_train(

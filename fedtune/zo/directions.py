@@ -35,7 +35,7 @@ class SeedDirection:
     budget_bytes
         Extra memory the caches and scratch may use (``"auto"`` only).
     threads
-        Worker threads for Gaussian directions; each owns tensors of similar total size and its own scratch.
+        Worker threads; each owns tensors of similar total size and its own scratch.
     """
 
     def __init__(
@@ -55,9 +55,7 @@ class SeedDirection:
         self.tuned = tuned
         self.perturbation = perturbation
         numels = perturbation.numels
-        # Threads pay off only for Gaussian generation (torch's normal_ is serial per generator); the
-        # Rademacher kernels are already intra-op parallel, and two OpenMP teams would oversubscribe.
-        self.groups = balanced_groups(numels, threads if perturbation.kind == "gaussian" else 1)
+        self.groups = balanced_groups(numels, threads)
         self.cached = self._plan_cache(numels, cache, budget_bytes)
         self._seed: int | None = None
         self._filled = False

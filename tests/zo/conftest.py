@@ -27,7 +27,7 @@ def build_tiny_model(*, seed: int = 0, tie: bool = True, std: float = 0.05) -> L
         tie_word_embeddings=tie,
     )
     with torch.random.fork_rng(devices=[]):  # HF's own init draws from the global RNG; we overwrite it
-        model = LlamaForCausalLM(config)
+        model: LlamaForCausalLM = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -35,7 +35,8 @@ def build_tiny_model(*, seed: int = 0, tie: bool = True, std: float = 0.05) -> L
                 param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model.eval()
+    model.train(False)
+    return model
 
 
 def build_batch(*, seed: int, rows: int = 4, length: int = 16, answer: int = 4, pad: int = 0) -> TokenBatch:

@@ -9,8 +9,10 @@ from transformers import LlamaForCausalLM
 from fedtune.zo.fingerprint import Fingerprint, IncompatibleModelError, check_compatible, zo_check_report
 from fedtune.zo.params import ParamSelection, select_parameters
 
+ALL = ParamSelection()
 
-def _fingerprint(model: LlamaForCausalLM, selection: ParamSelection = ParamSelection(), **kw: object) -> Fingerprint:
+
+def _fingerprint(model: LlamaForCausalLM, selection: ParamSelection = ALL, **kw: object) -> Fingerprint:
     args: dict[str, object] = {"kind": "rademacher", "run_seed": 1, **kw}
     return Fingerprint.of(select_parameters(model, selection), **args)  # type: ignore[arg-type]
 
@@ -47,7 +49,9 @@ def test_selection_mismatch_lists_missing_tensors(tiny_model: Callable[..., Llam
     model = tiny_model()
     local = _fingerprint(model)
     remote = _fingerprint(model, ParamSelection(mode="no-embeddings"))
-    with pytest.raises(IncompatibleModelError, match=r"tuned only locally: \['model\.embed_tokens\.weight'\]"):
+    with pytest.raises(
+        IncompatibleModelError, match=r"tuned only locally: \['model\.embed_tokens\.weight'\]"
+    ):
         check_compatible(local, remote)
 
 

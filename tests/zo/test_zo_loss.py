@@ -31,7 +31,9 @@ def test_answer_loss_matches_hf(
     batch = token_batch(seed=1, pad=pad)
     with torch.inference_mode():
         ours = answer_loss(model, batch)
-        reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        reference = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss
         generic = answer_loss(_Opaque(model), batch)
     assert ours.dtype == torch.float32 and ours.dim() == 0
     assert abs(float(ours) - float(reference)) <= 1e-5

@@ -28,7 +28,9 @@ def test_no_embeddings_excludes_embedding_and_head(tiny_model: Callable[..., Lla
 
 def test_pattern_and_exclude(tiny_model: Callable[..., LlamaForCausalLM]) -> None:
     model = tiny_model()
-    tuned = select_parameters(model, ParamSelection(mode="pattern", include=(r"layers\.1\.",), exclude=("mlp",)))
+    tuned = select_parameters(
+        model, ParamSelection(mode="pattern", include=(r"layers\.1\.",), exclude=("mlp",))
+    )
     assert tuned.names and all(".layers.1." in n and "mlp" not in n for n in tuned.names)
     no_norm = select_parameters(model, ParamSelection(exclude=("norm",)))
     assert not any("norm" in n for n in no_norm.names)
@@ -60,6 +62,9 @@ def test_selection_validation(kwargs: dict[str, object], message: str) -> None:
 
 
 def test_float16_weights_are_rejected(tiny_model: Callable[..., LlamaForCausalLM]) -> None:
-    tuned = select_parameters(tiny_model().half(), ParamSelection())
+    model = tiny_model()
+    for param in model.parameters():
+        param.data = param.data.to(torch.float16)
+    tuned = select_parameters(model, ParamSelection())
     with pytest.raises(ValueError, match="float32 master weights"):
         tuned.check_trainable()

@@ -74,7 +74,9 @@ def test_non_finite_loss_is_skipped_and_restores(
         calls.append(1)
         return torch.tensor(float("nan")) if len(calls) - 1 == bad_pass else answer_loss(m, b)
 
-    stepper = MeZOStep(model, select_parameters(model, ParamSelection()), ZOConfig(), run_seed=0, loss_fn=flaky)
+    stepper = MeZOStep(
+        model, select_parameters(model, ParamSelection()), ZOConfig(), run_seed=0, loss_fn=flaky
+    )
     result = stepper.step(token_batch(seed=1), 4, 1e-2)
     assert result.skipped and result.projected_grad == 0.0 and stepper.skipped == 1
     assert len(calls) == bad_pass + 1
@@ -140,3 +142,16 @@ def test_step_input_errors(
         stepper.step(token_batch(seed=0), 1, float("inf"))
     with pytest.raises(ValueError, match="seed_index must be in"):
         stepper.step(token_batch(seed=0), -1, 1e-3)
+
+
+def test_worker_threads_can_update_inference_tensors(
+    tiny_model: Callable[..., LlamaForCausalLM], token_batch: Callable[..., TokenBatch]
+) -> None:
+    model = tiny_model()
+    with torch.inference_mode():  # e.g. weights replaced by an earlier replay or reference step
+        for param in model.parameters():
+            param.data = param.data + 0.0
+    stepper = MeZOStep(
+        model, select_parameters(model, ParamSelection()), ZOConfig(threads=2, cache_z="never"), run_seed=0
+    )
+    assert not stepper.step(token_batch(seed=0), 1, 1e-3).skipped

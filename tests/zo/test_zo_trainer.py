@@ -77,5 +77,13 @@ def test_seed_pool_and_iterable_batches(tiny_model: Callable[..., LlamaForCausal
             run_seed=0,
         )
     with pytest.raises(ValueError, match="seed_pool_size must be in"):
-        train_zo(tiny_model(), selection=ParamSelection(), config=ZOConfig(), batches=[], steps=1, lr=1e-4,
-                 run_seed=0, seed_pool_size=0)
+        train_zo(
+            tiny_model(),
+            selection=ParamSelection(),
+            config=ZOConfig(),
+            batches=[],
+            steps=1,
+            lr=1e-4,
+            run_seed=0,
+            seed_pool_size=0,
+        )

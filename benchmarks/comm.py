@@ -72,7 +72,7 @@ def main() -> None:
     def client_round(node: int) -> tuple[bytes, ReplyPayload]:
         sync = server.make_sync(node, settings(1))
         reply, _ = client.train_round(
-            sync, node_id=node, view=None, batch_for_step=lambda _t: batch, num_examples=100
+            sync, client_key=node, view=None, batch_for_step=lambda _t: batch, num_examples=100
         )
         return encode_sync(sync), reply
 

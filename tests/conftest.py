@@ -81,7 +81,9 @@ def reviews_task_small() -> datasets.Dataset:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: PreTrainedTokenizerBase) -> Path:
+def tiny_model_dir(
+    tmp_path_factory: pytest.TempPathFactory, smollm_tokenizer: PreTrainedTokenizerBase
+) -> Path:
     """A saved tiny random Llama with the real SmolLM2 tokenizer: a local model folder for run configs."""
     out = tmp_path_factory.mktemp("tiny-llama")
     tiny_causal_lm(vocab_size=len(smollm_tokenizer), seed=0).save_pretrained(out)

@@ -94,10 +94,14 @@ class FedKSeedClient:
         self.coefficients = target.astype(np.float64, copy=True)
         return int(nz.size)
 
-    def draw_seeds(self, sync: SyncPayload, node_id: int) -> npt.NDArray[np.int64]:
-        """Seed indices for this round's steps: uniform, or FedKSeed-Pro's importance sampling."""
+    def draw_seeds(self, sync: SyncPayload, client_key: int) -> npt.NDArray[np.int64]:
+        """Seed indices for this round's steps: uniform, or FedKSeed-Pro's importance sampling.
+
+        ``client_key`` is the client's stable identity (its partition id), so a run is
+        reproducible from the run seed whatever node ids the runtime hands out.
+        """
         rng = np.random.default_rng(
-            np.random.SeedSequence([SEED_SAMPLING_TAG, self.run_seed, sync.server_round, node_id])
+            np.random.SeedSequence([SEED_SAMPLING_TAG, self.run_seed, sync.server_round, client_key])
         )
         if sync.quantized_probabilities is None:
             return rng.integers(0, self.num_seeds, size=sync.num_local_steps, dtype=np.int64)
@@ -108,7 +112,7 @@ class FedKSeedClient:
         self,
         sync: SyncPayload,
         *,
-        node_id: int,
+        client_key: int,
         view: NodeView | None,
         batch_for_step: Callable[[int], TokenBatch],
         num_examples: int,
@@ -124,7 +128,7 @@ class FedKSeedClient:
             raise ValueError(f"server uses K={sync.num_seeds} seeds, this client K={self.num_seeds}")
         target = resolve_accumulator(sync, view)
         self.sync_to(target)
-        seeds = self.draw_seeds(sync, node_id)
+        seeds = self.draw_seeds(sync, client_key)
         kept_seeds: list[int] = []
         grads: list[float] = []
         losses: list[float] = []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -29,7 +29,7 @@ from fedtune.fedkseed.client import NodeView
 from fedtune.fedkseed.replica import get_replica
 from fedtune.fedkseed.server import FedKSeedServer, RoundOutcome
 from fedtune.flower.records import payload_content, payload_from
-from fedtune.flower.strategy import FedKSeedStrategy, RoundTraffic
+from fedtune.flower.strategy import INFO_RECORD, FedKSeedStrategy, RoundTraffic
 from fedtune.recorder import RunRecorder, new_run_dir
 from fedtune.wire.codec import decode_sync, encode_reply
 
@@ -172,7 +172,7 @@ def fedkseed_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     path = _state_path(context, node_id)
     reply, view = replica.client.train_round(
         sync,
-        node_id=node_id,
+        client_key=pid,
         view=NodeView.load(path, cfg.fedkseed.num_seeds),
         batch_for_step=batch_for_step,
         num_examples=len(data),
@@ -193,5 +193,11 @@ def build_client_app(overrides: Overrides | None = None) -> ClientApp:
 
             return lora_train(msg, context, cfg)
         return fedkseed_train(msg, context, cfg)
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        """Who this node is: its partition id (the server samples by it, reproducibly)."""
+        pid = int(context.node_config.get("partition-id", -1))
+        return Message(RecordDict({INFO_RECORD: ConfigRecord({"partition-id": pid})}), reply_to=msg)
 
     return app

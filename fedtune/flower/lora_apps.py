@@ -25,7 +25,7 @@ from fedtune.eval import HeldoutEvaluator
 from fedtune.experiment import build_federated_data
 from fedtune.fedkseed.client import peak_rss_mb
 from fedtune.flower.records import message_nbytes
-from fedtune.flower.strategy import sample_nodes
+from fedtune.flower.strategy import NodeSampler
 from fedtune.lora import adapter_arrays, add_lora, load_adapter_arrays, train_local
 from fedtune.lora.server import AdapterReply, LoRAFedAvgServer
 from fedtune.recorder import RunRecorder, new_run_dir
@@ -57,6 +57,7 @@ class LoRAFedAvgStrategy(Strategy):
     def __init__(self, *, cfg: RunConfig, server: LoRAFedAvgServer, recorder_hook: Any) -> None:
         self.cfg, self.server, self.hook = cfg, server, recorder_hook
         self.stopped = False
+        self.sampler = NodeSampler(run_seed=cfg.run.seed)
         self._expected: set[int] = set()
         self._t0 = 0.0
         self._traffic: dict[str, float] = {}
@@ -67,9 +68,7 @@ class LoRAFedAvgStrategy(Strategy):
         if self.stopped:
             return []
         self._t0 = time.perf_counter()
-        chosen = sample_nodes(
-            grid, self.cfg.federation.clients_per_round, run_seed=self.cfg.run.seed, server_round=server_round
-        )
+        chosen = self.sampler.sample(grid, self.cfg.federation.clients_per_round, server_round)
         self._expected = set(chosen)
         record = ArrayRecord({k: Array(v) for k, v in self.server.global_arrays.items()})
         conf = ConfigRecord({"server-round": server_round})

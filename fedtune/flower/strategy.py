@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -48,23 +48,60 @@ class RoundTraffic:
         }
 
 
-def sample_nodes(
-    grid: Grid, wanted: int, *, run_seed: int, server_round: int, wait_s: float = 300.0
-) -> list[int]:
-    """Wait until ``wanted`` nodes are connected, then sample them with a generator keyed by the round."""
-    deadline = time.monotonic() + wait_s
-    nodes = sorted(grid.get_node_ids())
-    while len(nodes) < wanted:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} nodes connected after {wait_s:.0f} s, {wanted} needed; "
-                "start more SuperNodes or lower federation.clients-per-round"
-            )
-        time.sleep(1.0)
-        nodes = sorted(grid.get_node_ids())
-    rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_TAG, run_seed, server_round]))
-    # Index, never convert: Flower node ids are uint64 and would wrap in an int64 array.
-    return sorted(int(nodes[i]) for i in rng.choice(len(nodes), size=wanted, replace=False))
+INFO_RECORD = "info"
+
+
+def discover_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
+    """Ask nodes for their partition id (``query.info``); nodes that do not answer are left out.
+
+    Node ids are random per run (uint64), partition ids are the user's stable names for clients:
+    sampling by partition id makes a simulation reproducible from ``run.seed``.
+    """
+    queries = [
+        Message(RecordDict({INFO_RECORD: ConfigRecord({})}), n, f"{MessageType.QUERY}.info") for n in node_ids
+    ]
+    found: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error() or INFO_RECORD not in reply.content.config_records:
+            log.warning("node %d did not answer query.info; it will not be sampled", node)
+            continue
+        pid = reply.content.config_records[INFO_RECORD].get("partition-id")
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
+            found[node] = pid
+        else:
+            log.warning("node %d reported an invalid partition-id %r; it will not be sampled", node, pid)
+    return found
+
+
+class NodeSampler:
+    """Samples connected nodes by their partition ids with a generator keyed by (run seed, round)."""
+
+    def __init__(self, *, run_seed: int, wait_s: float = 300.0, query_timeout: float = 120.0) -> None:
+        self.run_seed = run_seed
+        self.wait_s = wait_s
+        self.query_timeout = query_timeout
+        self.partitions: dict[int, int] = {}
+
+    def sample(self, grid: Grid, wanted: int, server_round: int) -> list[int]:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            nodes = sorted(int(n) for n in grid.get_node_ids())
+            new = [n for n in nodes if n not in self.partitions]
+            if new:
+                self.partitions.update(discover_partitions(grid, new, self.query_timeout))
+            live = [n for n in nodes if n in self.partitions]
+            if len(live) >= wanted:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(live)} usable nodes after {self.wait_s:.0f} s, {wanted} needed; "
+                    "start more SuperNodes or lower federation.clients-per-round"
+                )
+            time.sleep(1.0)
+        by_partition = sorted(live, key=lambda n: (self.partitions[n], n))
+        rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_TAG, self.run_seed, server_round]))
+        return sorted(by_partition[i] for i in rng.choice(len(by_partition), size=wanted, replace=False))
 
 
 class FedKSeedStrategy(Strategy):
@@ -81,23 +118,13 @@ class FedKSeedStrategy(Strategy):
         self.cfg = cfg
         self.server = server
         self.on_round = on_round
-        self.node_wait_s = node_wait_s
+        self.sampler = NodeSampler(run_seed=cfg.run.seed, wait_s=node_wait_s)
         self.stopped = False
         self.outcomes: list[RoundOutcome] = []
         self._settings: RoundSettings | None = None
         self._expected: set[int] = set()
         self._traffic = RoundTraffic()
         self._round_start = 0.0
-
-    # -- sampling ------------------------------------------------------------------------------
-    def _sample(self, grid: Grid, server_round: int) -> list[int]:
-        return sample_nodes(
-            grid,
-            self.cfg.federation.clients_per_round,
-            run_seed=self.cfg.run.seed,
-            server_round=server_round,
-            wait_s=self.node_wait_s,
-        )
 
     # -- Strategy hooks ------------------------------------------------------------------------
     def configure_train(
@@ -115,7 +142,7 @@ class FedKSeedStrategy(Strategy):
             num_local_steps=zo.local_steps,
             batch_size=zo.batch_size,
         )
-        nodes = self._sample(grid, server_round)
+        nodes = self.sampler.sample(grid, self.cfg.federation.clients_per_round, server_round)
         self._expected = set(nodes)
         self._traffic = RoundTraffic()
         messages = []

@@ -89,16 +89,18 @@ class LocalGrid(Grid):
         ids: list[str] = []
         for original in messages:
             msg = wire_round_trip(original)
-            # Flower assigns message ids in its runtimes; this private field is all that is missing.
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            # Flower's runtimes assign message ids; here a fresh id per delivery (identical contents
+            # sent to several nodes would otherwise share one content-derived id).
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
             self.delivered.append(msg)
             node = msg.metadata.dst_node_id
             reply: Message | None = self.client_app(msg, self.contexts[node])
             if self.tamper is not None and reply is not None:
                 reply = self.tamper(node, reply)
             if reply is not None:
-                self._replies[msg.metadata.message_id] = wire_round_trip(reply)
-            ids.append(msg.metadata.message_id)
+                self._replies[mid] = wire_round_trip(reply)
+            ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

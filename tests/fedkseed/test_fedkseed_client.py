@@ -33,10 +33,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def sync(rnd: int, acc: np.ndarray | SparseDelta, *, steps: int = 4, q: np.ndarray | None = None) -> SyncPayload:
+def sync(
+    rnd: int, acc: np.ndarray | SparseDelta, *, steps: int = 4, q: np.ndarray | None = None
+) -> SyncPayload:
     return SyncPayload(
-        server_round=rnd, lr=1e-2, eps=1e-3, num_local_steps=steps, batch_size=2, num_seeds=K, fingerprint=FP,
-        accumulator=acc, quantized_probabilities=q,
+        server_round=rnd,
+        lr=1e-2,
+        eps=1e-3,
+        num_local_steps=steps,
+        batch_size=2,
+        num_seeds=K,
+        fingerprint=FP,
+        accumulator=acc,
+        quantized_probabilities=q,
     )
 
 
@@ -55,7 +64,11 @@ def test_local_training_equals_replay_of_its_coefficients(tiny_model_dir: Path, 
     trained, fresh = make_client(tiny_model_dir), make_client(tiny_model_dir)
     # Execute: tau local steps, then rebuild the same model from theta0 by replaying C.
     reply, view = trained.train_round(
-        sync(1, np.zeros(K, np.float32), steps=6), node_id=3, view=None, batch_for_step=batch_fn, num_examples=5
+        sync(1, np.zeros(K, np.float32), steps=6),
+        client_key=3,
+        view=None,
+        batch_for_step=batch_fn,
+        num_examples=5,
     )
     fresh.sync_to(trained.coefficients)
     # Assert
@@ -71,7 +84,11 @@ def test_client_that_missed_rounds_syncs_to_the_same_weights(tiny_model_dir: Pat
     acc = np.zeros(K)
     for rnd in range(1, 4):
         regular.train_round(
-            sync(rnd, acc.astype(np.float32)), node_id=1, view=None, batch_for_step=batch_fn, num_examples=5
+            sync(rnd, acc.astype(np.float32)),
+            client_key=1,
+            view=None,
+            batch_for_step=batch_fn,
+            num_examples=5,
         )
         acc[rng.choice(K, 5, replace=False)] += rng.normal(0, 1e-2, 5)
     final = acc.astype(np.float32).astype(np.float64)
@@ -87,7 +104,9 @@ def test_client_that_missed_rounds_syncs_to_the_same_weights(tiny_model_dir: Pat
 
 def test_sparse_sync_needs_the_matching_base(tmp_path: Path) -> None:
     base = NodeView(2, np.arange(K, dtype=np.float64))
-    delta = SparseDelta(base_round=2, indices=np.array([1, 5], np.uint32), values=np.array([0.5, -1], np.float32))
+    delta = SparseDelta(
+        base_round=2, indices=np.array([1, 5], np.uint32), values=np.array([0.5, -1], np.float32)
+    )
     full = resolve_accumulator(sync(3, delta), base)
     assert full[1] == 1.5 and full[5] == 4.0 and full[0] == 0.0
     with pytest.raises(StaleSyncError, match="holds round 1"):
@@ -103,11 +122,17 @@ def test_sparse_sync_needs_the_matching_base(tmp_path: Path) -> None:
 def test_fingerprint_mismatch_is_refused(tiny_model_dir: Path, batch_fn) -> None:  # type: ignore[no-untyped-def]
     client = make_client(tiny_model_dir)
     bad = SyncPayload(
-        server_round=1, lr=1e-2, eps=1e-3, num_local_steps=1, batch_size=1, num_seeds=K, fingerprint="other",
+        server_round=1,
+        lr=1e-2,
+        eps=1e-3,
+        num_local_steps=1,
+        batch_size=1,
+        num_seeds=K,
+        fingerprint="other",
         accumulator=np.zeros(K, np.float32),
     )
     with pytest.raises(ValueError, match="zo-check"):
-        client.train_round(bad, node_id=1, view=None, batch_for_step=batch_fn, num_examples=1)
+        client.train_round(bad, client_key=1, view=None, batch_for_step=batch_fn, num_examples=1)
 
 
 def test_pro_sampling_follows_the_quantized_probabilities(tiny_model_dir: Path) -> None:
@@ -115,11 +140,11 @@ def test_pro_sampling_follows_the_quantized_probabilities(tiny_model_dir: Path) 
     scores = np.zeros(K)
     scores[4] = 1.0
     q = quantize_probabilities(scores)
-    seeds = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000, q=q), node_id=1)
+    seeds = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000, q=q), client_key=1)
     share = np.mean(seeds == 4)
     expected = np.e / (np.e + K - 1)
     assert abs(share - expected) < 0.02
-    uniform = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000), node_id=1)
+    uniform = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000), client_key=1)
     assert abs(np.mean(uniform == 4) - 1 / K) < 0.01
-    again = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000), node_id=1)
+    again = client.draw_seeds(sync(1, np.zeros(K, np.float32), steps=4000), client_key=1)
     assert np.array_equal(uniform, again)  # keyed by (run seed, round, node): reproducible

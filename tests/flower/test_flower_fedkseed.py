@@ -53,33 +53,47 @@ def run(cfg: RunConfig, tamper: Any = None) -> tuple[dict[str, Any], LocalGrid]:
     return run_fedkseed(grid, cfg, quiet=True), grid
 
 
-def test_two_rounds_three_clients_accumulator_equals_hand_computed(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_two_rounds_three_clients_accumulator_equals_hand_computed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     # Prepare: record every reply the clients send.
     cfg = tiny_cfg(tiny_model_dir, tmp_path)
     replies: dict[int, list[Message]] = defaultdict(list)
 
     def record(node: int, msg: Message) -> Message:
-        replies[int(msg.metadata.group_id)].append(msg)
+        if msg.metadata.message_type == "train":
+            replies[int(msg.metadata.group_id)].append(msg)
         return msg
 
     # Execute
     summary, _ = run(cfg, record)
     # Assert: A = sum_rounds sum_i (n_i / sum n) * sum_t (-lr * g_t) e_{s_t}
     expect = np.zeros(K)
-    for rnd, msgs in replies.items():
+    for msgs in replies.values():
         decoded = [decode_reply(payload_from(m), num_seeds=K) for m in msgs]
         total = sum(r.num_examples for r in decoded)
         for r in decoded:
-            np.add.at(expect, r.seed_indices, -cfg.zo.lr * r.projected_grads.astype(np.float64) * r.num_examples / total)
+            np.add.at(
+                expect,
+                r.seed_indices,
+                -cfg.zo.lr * r.projected_grads.astype(np.float64) * r.num_examples / total,
+            )
     state = np.load(Path(summary["run_dir"]) / "checkpoint" / "server_state.npz")
     np.testing.assert_allclose(state["accumulator"], expect, rtol=1e-6, atol=1e-12)
-    assert summary["completed_rounds"] == 2 and len(replies) == 2 and all(len(v) == 3 for v in replies.values())
+    assert (
+        summary["completed_rounds"] == 2 and len(replies) == 2 and all(len(v) == 3 for v in replies.values())
+    )
     # the run folder holds metrics per round, the plot and the resolved config
     lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2]
-    assert {"heldout_loss", "rouge_l", "payload_bytes_up", "payload_bytes_down", "round_s", "client_peak_mb"} <= set(
-        lines[1]
-    )
+    assert {
+        "heldout_loss",
+        "rouge_l",
+        "payload_bytes_up",
+        "payload_bytes_down",
+        "round_s",
+        "client_peak_mb",
+    } <= set(lines[1])
     assert (Path(summary["run_dir"]) / "curves.png").stat().st_size > 1000
     assert RunConfig.load(Path(summary["run_dir"]) / "config.toml") == cfg
 
@@ -89,9 +103,9 @@ def test_broken_reply_is_rejected_and_the_round_proceeds(tiny_model_dir: Path, t
     victim: list[int] = []
 
     def corrupt(node: int, msg: Message) -> Message:
-        if not victim:
+        if msg.metadata.message_type == "train" and not victim:
             victim.append(node)
-            return Message(RecordDict({RECORD: ConfigRecord({PAYLOAD: b"\x08\x99garbage"})}), reply_to=msg)
+            msg.content = RecordDict({RECORD: ConfigRecord({PAYLOAD: b"\x08\x99garbage"})})
         return msg
 
     summary, _ = run(cfg, corrupt)
@@ -104,7 +118,9 @@ def test_below_min_replies_the_run_ends_cleanly(tiny_model_dir: Path, tmp_path: 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, **{"federation.min-replies": 3})
 
     def drop_one(node: int, msg: Message) -> Message:
-        return Message(RecordDict({RECORD: ConfigRecord({PAYLOAD: b""})}), reply_to=msg) if node == 1000 else msg
+        if node == 1000 and msg.metadata.message_type == "train":
+            msg.content = RecordDict({RECORD: ConfigRecord({PAYLOAD: b""})})
+        return msg
 
     summary, _ = run(cfg, drop_one)
     assert summary["completed_rounds"] == 0 and summary["stopped_early"] is True
@@ -131,7 +147,7 @@ def test_pro_and_compact_wire_run_and_export_loads(tiny_model_dir: Path, tmp_pat
     summary, grid = run(cfg)
     assert summary["completed_rounds"] == 3
     # Compact download: a node that synced before gets a sparse delta, smaller than the dense K floats.
-    sizes = [len(payload_from(m)) for m in grid.delivered]
+    sizes = [len(payload_from(m)) for m in grid.delivered if m.metadata.message_type == "train"]
     assert min(sizes) < K * 4 < max(sizes)
     out = export_run(Path(summary["run_dir"]), tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(out)

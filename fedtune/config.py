@@ -168,7 +168,7 @@ class ZOSection:
     eps: float = 1e-3
     perturbation: str = "rademacher"
     tune: str = "all"
-    local_steps: int = 10
+    local_steps: int = 6
     batch_size: int = 8
     cache_z: str = "auto"
 

@@ -44,14 +44,16 @@ class LocalGrid(Grid):
         node_config: Callable[[int], Mapping[str, ConfigValue]] | None = None,
         tamper: Callable[[int, Message], Message | None] | None = None,
     ) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        # A fresh run id per grid, as Flower gives each run: per-run client state never leaks across runs.
+        self.run_id = uuid.uuid4().int >> 65
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.client_app = client_app
         self.tamper = tamper
         self._replies: dict[str, Message] = {}
         self._run: Run | None = None
         self.contexts = {
             1000 + i: Context(
-                run_id=1,
+                run_id=self.run_id,
                 node_id=1000 + i,
                 state=RecordDict(),
                 node_config=dict(

@@ -172,3 +172,15 @@ def test_ray_simulation_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = simulate(cfg)
     assert summary["completed_rounds"] == 2
     assert summary["mean_payload_bytes_down"] > K * 4 and summary["mean_payload_bytes_up"] > 0
+
+
+def test_outside_aggregator_runs_from_config_without_editing_fedtune(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    spec = RunConfig.load(
+        Path(__file__).resolve().parents[2] / "simulations" / "custom_aggregator.toml"
+    ).aggregator.name
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, **{"aggregator.name": spec, "federation.num-rounds": 1})
+    summary, _ = run(cfg)
+    assert summary["completed_rounds"] == 1
+    assert "sign_vote" in (Path(summary["run_dir"]) / "config.toml").read_text()

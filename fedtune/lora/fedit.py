@@ -32,16 +32,9 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
     (same kaiming-uniform bound, lora_B = 0 as in LoRA) makes the starting adapter reproducible
     without seeding anything global.
     """
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=list(DEFAULT_TARGETS),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    # peft draws its initial lora_A from torch's global RNG; fork it so that draw leaves no trace.
+    with torch.random.fork_rng(devices=[]):
+        peft_model = _wrap(model, cfg)
     gen = torch.Generator().manual_seed(
         int(np.random.SeedSequence([LORA_INIT_TAG, seed]).generate_state(1)[0])
     )
@@ -53,6 +46,19 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
             elif "lora_B" in name:
                 param.zero_()
     return peft_model
+
+
+def _wrap(model: PreTrainedModel, cfg: LoRASection) -> PeftModel:
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(DEFAULT_TARGETS),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def adapter_arrays(model: PeftModel) -> AdapterArrays:

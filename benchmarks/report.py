@@ -75,13 +75,7 @@ def run_mezo(cfg: RunConfig) -> tuple[dict[str, float], Curve]:
     train = concatenate_datasets(list(data.train_partitions))
     model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
     tokenizer = load_tokenizer(cfg.model.name)
-    evaluator = HeldoutEvaluator(
-        tokenizer,
-        data.heldout,
-        max_length=cfg.model.max_length,
-        num_generations=cfg.data.eval_generations,
-        max_new_tokens=cfg.data.max_new_tokens,
-    )
+    evaluator = HeldoutEvaluator.for_run(tokenizer, data.heldout, cfg)
     prompts, answers = list(train["prompt"]), list(train["answer"])
     sampler = BatchSampler(
         num_examples=len(train),

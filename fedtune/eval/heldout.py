@@ -10,6 +10,7 @@ from datasets import Dataset
 from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.config import RunConfig
 from fedtune.data.batch import TokenBatch
 from fedtune.data.collate import encode_examples, generate_answers
 from fedtune.zo.loss import answer_loss
@@ -75,6 +76,19 @@ class HeldoutEvaluator:
         self.gen_prompts = prompts[:num_generations]
         self.gen_refs = answers[:num_generations]
         self.batch_size = batch_size
+
+    @classmethod
+    def for_run(
+        cls, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: RunConfig
+    ) -> HeldoutEvaluator:
+        """The evaluator every algorithm of a run uses, so their figures are comparable."""
+        return cls(
+            tokenizer,
+            heldout,
+            max_length=cfg.model.max_length,
+            num_generations=cfg.data.eval_generations,
+            max_new_tokens=cfg.data.max_new_tokens,
+        )
 
     @torch.inference_mode()
     def loss(self, model: torch.nn.Module) -> float:

@@ -49,13 +49,7 @@ def run_fedkseed(
     run_dir = run_dir or new_run_dir(cfg)
     replica = get_replica(cfg)
     data = build_federated_data(cfg)
-    evaluator = HeldoutEvaluator(
-        replica.tokenizer,
-        data.heldout,
-        max_length=cfg.model.max_length,
-        num_generations=cfg.data.eval_generations,
-        max_new_tokens=cfg.data.max_new_tokens,
-    )
+    evaluator = HeldoutEvaluator.for_run(replica.tokenizer, data.heldout, cfg)
     server = FedKSeedServer(
         num_seeds=cfg.fedkseed.num_seeds,
         aggregator=create_aggregator(cfg.aggregator.name, **cfg.aggregator.options()),

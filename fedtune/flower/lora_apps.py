@@ -149,13 +149,7 @@ def run_lora_fedavg(
     model, tokenizer = get_lora_model(cfg)
     init = adapter_arrays(model)
     data = build_federated_data(cfg)
-    evaluator = HeldoutEvaluator(
-        tokenizer,
-        data.heldout,
-        max_length=cfg.model.max_length,
-        num_generations=cfg.data.eval_generations,
-        max_new_tokens=cfg.data.max_new_tokens,
-    )
+    evaluator = HeldoutEvaluator.for_run(tokenizer, data.heldout, cfg)
     server = LoRAFedAvgServer(dict(init), create_aggregator(cfg.aggregator.name, **cfg.aggregator.options()))
     recorder = RunRecorder(run_dir, cfg, quiet=quiet)
     pending: dict[str, Any] = {}

@@ -3,10 +3,14 @@
 Every method sees the same model, data, partitions, rounds, clients per round and local steps;
 centralized MeZO takes as many ZO steps as all FedKSeed clients together, on the union of their
 data. Bytes are measured from the real messages (payload up + down per client-round).
-Client peak memory is the process's peak RSS, which only grows within one process: methods run
-in the order listed, so later rows carry the peaks of earlier ones.
 
-Writes ``<out>/report.md``, ``<out>/loss_vs_rounds.png`` and ``<out>/loss_vs_bytes.png``.
+Each method runs in its own worker process (this script with ``--worker METHOD``; ``--quick``
+runs them in-process to stay under a minute), so its peak RSS is its own and not the running
+maximum of the methods before it. In a worker the server, its evaluator and the clients share
+one process: the peak is an upper bound on a deployed client's.
+
+Writes ``<out>/report.md``, ``<out>/report.json``, ``<out>/loss_vs_rounds.png`` and
+``<out>/loss_vs_bytes.png``.
 
 Usage: python benchmarks/report.py [--quick] [--out DIR]   (last line: one JSON object)
 """
@@ -14,8 +18,11 @@ Usage: python benchmarks/report.py [--quick] [--out DIR]   (last line: one JSON 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,8 @@ from fedtune.config import RunConfig
 
 Curve = list[tuple[float, float]]
 FEDERATED = ("fedkseed", "fedkseed-pro", "lora-fedavg")
+METHODS = (*FEDERATED, "mezo")
+ROW_NAMES = {"mezo": "mezo (centralized)"}
 _MEZO_TAG = 0x4D455A4F  # "MEZO": the centralized baseline's batch order, apart from every client's
 
 
@@ -148,7 +157,10 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: dict[str, Curve], path: Path, *, xlabel: str, log_x: bool = False) -> None:
+def plot(
+    curves: dict[str, Curve], path: Path, *, xlabel: str, log_x: bool = False, baseline: float | None = None
+) -> None:
+    """Loss curves; with ``log_x`` the x = 0 start point is dropped and shown as the ``baseline`` line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,13 +168,16 @@ def plot(curves: dict[str, Curve], path: Path, *, xlabel: str, log_x: bool = Fal
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in curves.items():
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        shown = [(x, y) for x, y in pts if x > 0] if log_x else pts
+        if shown:
+            ax.plot([x for x, _ in shown], [y for _, y in shown], marker="o", label=name)
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="untuned")
     if log_x:
-        ax.set_xscale("symlog")
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out answer loss")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both" if log_x else "major")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -181,17 +196,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="zo.lr (LoRA keeps lora.lr)")
     p.add_argument("--num-seeds", type=int, default=None, help="K")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    setup_environment(threads=args.threads)
+def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flat run config every method shares (``run.algorithm`` is set per method)."""
     q = args.quick
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     steps = args.local_steps or (2 if q else 6)
-    flat: dict[str, Any] = {
+    return {
         "run.name": "report",
         "run.output-dir": str(out / "runs"),
         "model.num-layers": args.num_layers if args.num_layers is not None else (2 if q else 0),
@@ -210,54 +224,141 @@ def main(argv: Sequence[str] | None = None) -> None:
         "lora.batch-size": 2 if q else 8,
         "fedkseed.num-seeds": args.num_seeds or (64 if q else 4096),
     }
+
+
+def run_method(method: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """One method in this process: its row, its two curves and (federated runs) the untuned row."""
+    if method == "mezo":
+        row, curve = run_mezo(make_config(flat))
+        return {"row": row, "by_round": curve, "by_bytes": [], "untuned": None}
+    else:
+        summary = run_federated(make_config({**flat, "run.algorithm": method}))
+        by_round, by_bytes = federated_curves(summary)
+        untuned = {
+            "heldout_loss": number(summary.get("initial_heldout_loss")),
+            "rouge_l": number(summary.get("initial_rouge_l")),
+            "payload_bytes_per_client_round": 0.0,
+            "client_peak_mb": float("nan"),
+            "seconds_per_round": float("nan"),
+        }
+        row = federated_row(summary)
+        return {"row": row, "by_round": by_round, "by_bytes": by_bytes, "untuned": untuned}
+
+
+def run_worker(method: str, flat: dict[str, Any], out: Path) -> None:
+    """``--worker METHOD``: runs it and writes ``<out>/rows/<method>.json`` for the parent."""
+    rows_dir = out / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    result = finite_or_none(run_method(method, flat))
+    (rows_dir / f"{method}.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def run_in_worker(method: str, argv: Sequence[str], out: Path) -> dict[str, Any]:
+    """Runs one method in a fresh interpreter and reads back what it wrote."""
+    path = out / "rows" / f"{method}.json"
+    path.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
+    proc = subprocess.run(command, check=False)
+    if proc.returncode != 0 or not path.is_file():
+        raise RuntimeError(
+            f"the {method} worker failed (exit {proc.returncode}); its traceback is above. Rerun it "
+            f"alone with `python benchmarks/report.py {' '.join(argv)} --worker {method}`"
+        )
+    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("row", "untuned"):
+        if loaded.get(key) is not None:
+            loaded[key] = {k: number(v) for k, v in loaded[key].items()}
+    return loaded
+
+
+def targets_text(bytes_ratio: float, rouge_gap: float) -> str:
+    met_bytes = "met" if bytes_ratio >= 1000 else "missed"
+    met_rouge = "met" if rouge_gap >= -0.5 else "missed"
+    return (
+        f"- Bytes: LoRA-FedAvg moves {bytes_ratio:,.0f}x more per client-round than FedKSeed "
+        f"(target: at least 1000x; {met_bytes}).\n"
+        f"- Rouge-L: FedKSeed minus LoRA-FedAvg = {rouge_gap:+.2f} points "
+        f"(target: within 0.5; {met_rouge}).\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    setup_environment(threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = shared_settings(args)
+    if args.worker is not None:
+        run_worker(args.worker, flat, out)
+        return
+
     clock = Stopwatch()
+    started = datetime.datetime.now(datetime.UTC)
     rows: dict[str, dict[str, float]] = {}
     by_round: dict[str, Curve] = {}
     by_bytes: dict[str, Curve] = {}
-    untuned: dict[str, float] = {}
-    for algo in FEDERATED:
-        cfg = make_config({**flat, "run.algorithm": algo})
-        summary = run_federated(cfg)
-        rows[algo] = federated_row(summary)
-        by_round[algo], by_bytes[algo] = federated_curves(summary)
-        if not untuned:
-            untuned = {
-                "heldout_loss": number(summary.get("initial_heldout_loss")),
-                "rouge_l": number(summary.get("initial_rouge_l")),
-                "payload_bytes_per_client_round": 0.0,
-                "client_peak_mb": float("nan"),
-                "seconds_per_round": float("nan"),
-            }
-        print(f"[{clock():7.1f} s] {algo}: {json.dumps(finite_or_none(rows[algo]))}", flush=True)
-    rows["mezo (centralized)"], by_round["mezo (centralized)"] = run_mezo(make_config(flat))
-    print(f"[{clock():7.1f} s] mezo: {json.dumps(rows['mezo (centralized)'])}", flush=True)
+    untuned: dict[str, float] | None = None
+    for method in METHODS:
+        # --quick stays in one interpreter to keep under a minute (a worker costs ~10 s of imports);
+        # its peak-memory column is then the running maximum over the methods.
+        result = run_method(method, flat) if args.quick else run_in_worker(method, argv, out)
+        name = ROW_NAMES.get(method, method)
+        rows[name] = result["row"]
+        by_round[name] = [(float(x), float(y)) for x, y in result["by_round"]]
+        if result["by_bytes"]:
+            by_bytes[name] = [(float(x), float(y)) for x, y in result["by_bytes"]]
+        untuned = untuned or result["untuned"]
+        print(f"[{clock():7.1f} s] {method}: {json.dumps(finite_or_none(rows[name]))}", flush=True)
+    if untuned is None:
+        raise RuntimeError("no federated worker reported the untuned model's metrics")
     rows = {"untuned": untuned, **rows}
 
+    fk, lora = rows["fedkseed"], rows["lora-fedavg"]
+    bytes_ratio = lora["payload_bytes_per_client_round"] / fk["payload_bytes_per_client_round"]
+    rouge_gap = fk["rouge_l"] - lora["rouge_l"]
     table = markdown_table(rows)
     cfg_lines = "\n".join(f"- `{k} = {v}`" for k, v in flat.items() if not k.startswith("run."))
+    command = " ".join(["python benchmarks/report.py", *argv])
+    wall_min = clock() / 60
+    peak_text = (
+        "peak RSS of this one process, a running maximum over the methods in table order (--quick)."
+        if args.quick
+        else "peak RSS of the method's worker process, which holds the server, its evaluator and the "
+        "simulated clients (an upper bound on one deployed client's)."
+    )
     (out / "report.md").write_text(
-        f"# fedtune matched-budget report\n\n{table}\n\n"
+        f"# fedtune matched-budget report\n\n"
+        f"`{command}`, started {started:%Y-%m-%d %H:%M} UTC, {wall_min:.0f} minutes.\n\n{table}\n\n"
+        f"{targets_text(bytes_ratio, rouge_gap)}\n"
         "Payload bytes: mean (up + down) per client per round, measured from the messages. "
-        "Client peak MB: process peak RSS (cumulative across the methods, run in table order). "
-        "MeZO is centralized, so it moves no bytes.\n\n"
+        f"Client peak MB: {peak_text} MeZO is centralized, so it moves no bytes.\n\n"
         f"Settings (shared by every method):\n\n{cfg_lines}\n",
         encoding="utf-8",
     )
     plot(by_round, out / "loss_vs_rounds.png", xlabel="round (MeZO: round-equivalents of steps)")
-    plot(by_bytes, out / "loss_vs_bytes.png", xlabel="cumulative payload bytes per client", log_x=True)
+    plot(
+        by_bytes,
+        out / "loss_vs_bytes.png",
+        xlabel="cumulative payload bytes per client (up + down)",
+        log_x=True,
+        baseline=untuned["heldout_loss"],
+    )
     print(table)
-    fk, lora = rows["fedkseed"], rows["lora-fedavg"]
-    result = {
+    result_json = {
         "rows": rows,
-        "bytes_ratio_lora_over_fedkseed": lora["payload_bytes_per_client_round"]
-        / fk["payload_bytes_per_client_round"],
-        "rouge_l_gap_fedkseed_minus_lora": fk["rouge_l"] - lora["rouge_l"],
+        "bytes_ratio_lora_over_fedkseed": bytes_ratio,
+        "rouge_l_gap_fedkseed_minus_lora": rouge_gap,
         "config": {k: v for k, v in flat.items() if not k.startswith("run.")},
+        "command": command,
+        "started_utc": started.isoformat(timespec="seconds"),
         "out": str(out),
-        "quick": q,
+        "quick": args.quick,
         "wall_s": clock(),
     }
-    print(json.dumps(finite_or_none(result)))
+    final = finite_or_none(result_json)
+    (out / "report.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(final))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ def test_every_simulation_config_loads(path: Path) -> None:
     RunConfig.load(path)
 
 
+@pytest.mark.parametrize(
+    ("name", "algorithm"), [("lora_fedavg.toml", "lora-fedavg"), ("fedkseed_pro.toml", "fedkseed-pro")]
+)
+def test_baseline_configs_share_the_main_jobs_setup(name: str, algorithm: str) -> None:
+    # A comparison is only fair if model, data, partitions, rounds and step budget are the main job's.
+    cfg, default = RunConfig.load(ROOT / "simulations" / name), RunConfig()
+    assert cfg.run.algorithm == algorithm
+    shared = (cfg.model, cfg.data, cfg.federation, cfg.zo)
+    assert shared == (default.model, default.data, default.federation, default.zo)
+    if algorithm == "lora-fedavg":
+        assert (cfg.lora.local_steps, cfg.lora.batch_size) == (default.zo.local_steps, default.zo.batch_size)
+
+
 def test_flat_overrides_like_flower_run_config() -> None:
     cfg = RunConfig.from_flat({"zo.lr": 1e-6, "federation.num-rounds": 3, "run.algorithm": "fedkseed-pro"})
     assert cfg.zo.lr == 1e-6 and cfg.federation.num_rounds == 3 and cfg.run.algorithm == "fedkseed-pro"

@@ -1,0 +1,68 @@
+"""benchmarks/report.py: the matched-budget report runs end to end and states its targets honestly."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def report_module() -> object:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import report
+
+        return report
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_targets_say_met_or_missed(report_module: object) -> None:
+    text = report_module.targets_text(450.0, -16.875)  # type: ignore[attr-defined]
+    assert "450x" in text and "-16.88 points" in text and text.count("missed") == 2
+    assert report_module.targets_text(1000.0, -0.5).count("; met") == 2  # type: ignore[attr-defined]
+
+
+def test_table_shows_nan_as_na(report_module: object) -> None:
+    row = {
+        "heldout_loss": 1.25,
+        "rouge_l": float("nan"),
+        "payload_bytes_per_client_round": 16613.6,
+        "client_peak_mb": 1576.7,
+        "seconds_per_round": float("nan"),
+    }
+    table = report_module.markdown_table({"fedkseed": row})  # type: ignore[attr-defined]
+    assert table.splitlines()[-1] == "| fedkseed | 1.2500 | n/a | 16,614 | 1577 | n/a |"
+
+
+@pytest.mark.slow
+def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert list(rows) == ["untuned", "fedkseed", "fedkseed-pro", "lora-fedavg", "mezo (centralized)"]
+    fk, lora = rows["fedkseed"], rows["lora-fedavg"]
+    # bytes come from real messages: adapters dwarf seeds and scalars, and the ratio is their quotient
+    assert 0 < fk["payload_bytes_per_client_round"] < lora["payload_bytes_per_client_round"]
+    assert math.isclose(
+        result["bytes_ratio_lora_over_fedkseed"],
+        lora["payload_bytes_per_client_round"] / fk["payload_bytes_per_client_round"],
+    )
+    assert rows["mezo (centralized)"]["heldout_loss"] < rows["untuned"]["heldout_loss"]
+    for name in ("report.md", "report.json", "loss_vs_rounds.png", "loss_vs_bytes.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| lora-fedavg |" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,113 @@
+"""build_federated_data: held-out split, capped training pool and client partitions, all from the config.
+
+A small local JSONL task keeps these fast and makes every row countable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedtune.config import RunConfig
+from fedtune.experiment import _build_cached, build_federated_data
+
+ROWS = 30
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> Iterator[None]:
+    _build_cached.cache_clear()
+    yield
+    _build_cached.cache_clear()
+
+
+@pytest.fixture
+def task_file(tmp_path: Path) -> Path:
+    path = tmp_path / "task.jsonl"
+    rows = [
+        {"prompt": f"question {i}", "answer": f"answer {i}", "label": "ab"[i % 2], "group": f"g{i % 5}"}
+        for i in range(ROWS)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cfg(task: Path, **overrides: Any) -> RunConfig:
+    flat: dict[str, Any] = {
+        "data.task": str(task),
+        "data.heldout-size": 6,
+        "data.eval-generations": 0,
+        "data.max-train-examples": 20,
+        "data.partition": "iid",
+        "federation.num-clients": 4,
+        **overrides,
+    }
+    return RunConfig.from_flat(flat)
+
+
+def test_split_sizes_cap_and_disjointness(task_file: Path) -> None:
+    data = build_federated_data(_cfg(task_file))
+    assert len(data.heldout) == 6 and len(data.train_partitions) == 4
+    parts = [list(p["prompt"]) for p in data.train_partitions]
+    train = [q for p in parts for q in p]
+    assert len(train) == 20 and len(set(train)) == 20  # capped; no row in two partitions
+    assert all(len(p) == 5 for p in parts)  # iid: equal shards
+    assert not set(train) & set(data.heldout["prompt"])
+    assert set(train) | set(data.heldout["prompt"]) <= {f"question {i}" for i in range(ROWS)}
+    # stratified held-out split: 15 "a" and 15 "b" rows -> 3 of each
+    assert Counter(data.heldout["label"]) == {"a": 3, "b": 3}
+
+
+def test_zero_cap_keeps_the_whole_training_pool(task_file: Path) -> None:
+    data = build_federated_data(_cfg(task_file, **{"data.max-train-examples": 0}))
+    assert sum(len(p) for p in data.train_partitions) == ROWS - 6
+
+
+def test_same_config_same_data_and_cached(task_file: Path) -> None:
+    cfg = _cfg(task_file)
+    first = build_federated_data(cfg)
+    # The cache key is the data section, client count and seed: unrelated keys share the result.
+    assert build_federated_data(_cfg(task_file, **{"zo.lr": 1e-5, "run.name": "other"})) is first
+    _build_cached.cache_clear()
+    again = build_federated_data(cfg)  # a rebuild (another process) gives the same rows
+    assert again is not first
+    assert list(again.heldout["prompt"]) == list(first.heldout["prompt"])
+    for a, b in zip(again.train_partitions, first.train_partitions, strict=True):
+        assert list(a["prompt"]) == list(b["prompt"])
+
+
+def test_another_seed_gives_another_split(task_file: Path) -> None:
+    a = build_federated_data(_cfg(task_file, **{"run.seed": 1}))
+    b = build_federated_data(_cfg(task_file, **{"run.seed": 2}))
+    assert set(a.heldout["prompt"]) != set(b.heldout["prompt"])
+
+
+def test_partition_scheme_comes_from_the_config(task_file: Path) -> None:
+    data = build_federated_data(_cfg(task_file, **{"data.partition": "group", "data.max-train-examples": 0}))
+    owners: dict[str, set[int]] = {}
+    for i, part in enumerate(data.train_partitions):
+        for g in part["group"]:
+            owners.setdefault(g, set()).add(i)
+    # group scheme: each of the 5 groups lives on exactly one of the 4 clients
+    assert len(owners) == 5 and all(len(v) == 1 for v in owners.values())
+
+
+def test_heldout_as_large_as_the_task_is_rejected(task_file: Path) -> None:
+    cfg = _cfg(task_file, **{"data.heldout-size": ROWS})
+    with pytest.raises(ValueError, match=f"data.heldout_size={ROWS} leaves no training data from {ROWS}"):
+        build_federated_data(cfg)
+
+
+def test_missing_task_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_federated_data(_cfg(tmp_path / "missing.jsonl"))
+
+
+def test_cache_rejects_a_non_section_key() -> None:
+    with pytest.raises(TypeError, match="DataSection"):
+        _build_cached("reviews", 2, 0)

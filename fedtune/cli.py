@@ -27,7 +27,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value (e.g. --set zo.lr=1e-6), got {pair!r}")
+            raise ValueError(f"--set expects key=value (e.g. --set zo.lr=1e-6), got {pair!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.set = [*args.set, f"model.name={json.dumps(args.model)}"]
     try:
         return int(args.func(args))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad config, value or path: a message, not a traceback
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
 

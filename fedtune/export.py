@@ -15,13 +15,16 @@ from fedtune.config import RunConfig
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     cfg_path, state = run_dir / "config.toml", run_dir / "checkpoint" / "server_state.npz"
+    if cfg_path.is_file() and RunConfig.load(cfg_path).run.algorithm == "lora-fedavg":
+        raise ValueError(
+            f"{run_dir} is a lora-fedavg run: its adapter is {run_dir / 'adapter.npz'}; "
+            "export rebuilds FedKSeed runs only"
+        )
     if not cfg_path.is_file() or not state.is_file():
         raise ValueError(
             f"{run_dir} is not a FedKSeed run folder (needs config.toml and checkpoint/server_state.npz)"
         )
     cfg = RunConfig.load(cfg_path)
-    if cfg.run.algorithm == "lora-fedavg":
-        raise ValueError("export of lora-fedavg runs: load the saved adapter with peft instead")
     from fedtune.fedkseed.replica import build_replica
 
     replica = build_replica(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedtune.config import RunConfig
-from fedtune.runlog import MetricsLog, MetricValue, plot_curves
+from fedtune.runlog import MetricsLog, MetricValue, plot_curves, strict_json_values
 
 console = Console(stderr=False, highlight=False)
 
@@ -92,6 +92,7 @@ class RunRecorder:
             peaks = _numbers(trained, "client_peak_mb")
             summary["client_peak_mb"] = round(max(peaks), 1) if peaks else None
         summary.update(extra or {})
+        summary = strict_json_values(summary)
         if len(self.records) > 1:
             plot_curves(
                 self.records,

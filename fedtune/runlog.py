@@ -11,6 +11,11 @@ from pathlib import Path
 MetricValue = int | float | str | bool | None
 
 
+def strict_json_values(record: Mapping[str, MetricValue]) -> dict[str, MetricValue]:
+    """NaN/inf become null: ``json.dumps`` would write bare NaN, which strict JSON readers reject."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class MetricsLog:
     """Appends one JSON object per line and flushes, so a crashed run keeps what it measured."""
 
@@ -19,7 +24,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: Mapping[str, MetricValue]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = strict_json_values(record)
         clean.setdefault("time", round(time.time(), 3))
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean, sort_keys=True) + "\n")
@@ -43,6 +48,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, MetricValue]]:
     return out
 
 
+def _finite(value: MetricValue) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def plot_curves(
     records: Sequence[Mapping[str, MetricValue]],
     png_path: str | Path,
@@ -55,13 +64,13 @@ def plot_curves(
     ),
     title: str = "",
 ) -> Path:
-    """One panel per metric against ``x``; metrics missing from every record are skipped."""
+    """One panel per metric against ``x``; metrics with no finite value in any record are skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [(k, label) for k, label in panels if any(isinstance(r.get(k), int | float) for r in records)]
+    present = [(k, label) for k, label in panels if any(_finite(r.get(k)) for r in records)]
     if not present:
         raise ValueError(f"no plottable metrics among {[k for k, _ in panels]} in {len(records)} records")
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)

@@ -128,11 +128,28 @@ def test_bad_set_values_exit_2_with_the_reason(
     assert simulated == []  # nothing ran
 
 
-def test_set_without_equals_sign_stops_with_an_example(simulated: list[RunConfig]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["simulate", "--set", "zo.lr"])
-    assert "--set expects key=value (e.g. --set zo.lr=1e-6), got 'zo.lr'" in str(exc.value.code)
+def test_set_without_equals_sign_exits_2_with_an_example(
+    simulated: list[RunConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["simulate", "--set", "zo.lr"]) == 2
+    err = capsys.readouterr().err
+    assert "fedtune: error: --set expects key=value (e.g. --set zo.lr=1e-6), got 'zo.lr'" in err
     assert simulated == []
+
+
+def test_os_errors_exit_2_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # e.g. a local data file deleted after the config was validated: opened only when data is built
+    def missing_file(cfg: RunConfig) -> dict[str, Any]:
+        raise FileNotFoundError(2, "No such file or directory", "/data/reviews.jsonl")
+
+    monkeypatch.setattr(fedtune.flower.sim, "simulate", missing_file)
+    assert main(["simulate"]) == 2
+    assert (
+        "fedtune: error: [Errno 2] No such file or directory: '/data/reviews.jsonl'"
+        in capsys.readouterr().err
+    )
 
 
 def test_bad_config_files_exit_2(
@@ -214,6 +231,15 @@ def test_export_passes_paths_and_reports_the_folder(
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     assert seen == [(tmp_path / "run", tmp_path / "out")]
     assert f"wrote a Hugging Face checkpoint to {tmp_path / 'out'}" in capsys.readouterr().out
+
+
+def test_export_of_a_lora_run_points_at_its_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "config.toml").write_text(RunConfig.from_flat({"run.algorithm": "lora-fedavg"}).to_toml())
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a lora-fedavg run" in err and "adapter.npz" in err
 
 
 def test_export_of_a_folder_that_is_no_run_exits_2(

@@ -113,6 +113,20 @@ def test_record_and_finish_write_jsonl_summary_and_plot(tmp_path: Path) -> None:
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_summary_json_is_strict_json_when_generations_are_off(tmp_path: Path) -> None:
+    # data.eval-generations = 0 gives NaN Rouge-L; bare NaN in summary.json breaks strict readers
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rec = RunRecorder(run_dir, _cfg(tmp_path), quiet=True)
+    rec.record({"round": 0, "heldout_loss": 3.0, "rouge_l": float("nan")})
+    rec.record({"round": 1, "heldout_loss": 2.5, "rouge_l": float("nan"), "payload_bytes_up": 10})
+    summary = rec.finish()
+    text = (run_dir / "summary.json").read_text(encoding="utf-8")
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert loaded["final_rouge_l"] is None and summary["final_rouge_l"] is None
+    assert loaded["final_heldout_loss"] == 2.5
+
+
 def test_finish_with_partial_traffic_fields_and_one_record(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -74,6 +74,9 @@ def test_plot_curves_writes_one_panel_per_present_metric(tmp_path: Path) -> None
         [{k: v for k, v in r.items() if k != "train_loss"} for r in RECORDS], tmp_path / "2.png"
     )
     assert _png_size(two)[0] == round(2 * 4.2 * 110)
+    # Rouge-L NaN in every record (generations off) is no curve either: no empty panel
+    no_rouge = plot_curves([{**r, "rouge_l": float("nan")} for r in RECORDS], tmp_path / "nan.png")
+    assert _png_size(no_rouge)[0] == round(2 * 4.2 * 110)
 
 
 def test_plot_curves_custom_axis_and_panels(tmp_path: Path) -> None:

@@ -218,7 +218,13 @@ def lora_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length=cfg.model.max_length
         )
 
-    result = train_local(model, batch_for_step=batch_for_step, steps=cfg.lora.local_steps, lr=cfg.lora.lr)
+    result = train_local(
+        model,
+        batch_for_step=batch_for_step,
+        steps=cfg.lora.local_steps,
+        lr=cfg.lora.lr,
+        key=(cfg.run.seed, server_round, pid),
+    )
     out = adapter_arrays(model)
     metrics = MetricRecord(
         {

@@ -20,6 +20,7 @@ from fedtune.data.batch import TokenBatch
 from fedtune.zo.loss import answer_loss
 
 LORA_INIT_TAG = 0x10BA
+LORA_DROPOUT_TAG = 0xD0D0
 # Attention projections of Llama-style decoders (SmolLM2): the FedIT / FlowerTune choice.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 AdapterArrays = dict[str, npt.NDArray[np.float32]]
@@ -80,12 +81,17 @@ def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, npt.NDArray[np.fl
             f"unknown {sorted(unknown)[:3]}; "
             "server and clients must use the same model and lora.rank"
         )
+    # Check every shape before copying any, so a bad set leaves the adapter as it was.
+    for name, p in params.items():
+        shape = np.shape(arrays[name])
+        if shape != tuple(p.shape):
+            raise ValueError(
+                f"adapter {name}: shape {shape}, expected {tuple(p.shape)}; "
+                "server and clients must use the same model and lora.rank"
+            )
     with torch.no_grad():
         for name, p in params.items():
-            value = np.asarray(arrays[name])
-            if value.shape != tuple(p.shape):
-                raise ValueError(f"adapter {name}: shape {value.shape}, expected {tuple(p.shape)}")
-            p.copy_(torch.from_numpy(value.astype(np.float32)))
+            p.copy_(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)))
 
 
 @dataclass(frozen=True)
@@ -95,20 +101,39 @@ class LocalResult:
 
 
 def train_local(
-    model: PeftModel, *, batch_for_step: Callable[[int], TokenBatch], steps: int, lr: float
+    model: PeftModel,
+    *,
+    batch_for_step: Callable[[int], TokenBatch],
+    steps: int,
+    lr: float,
+    key: tuple[int, ...],
 ) -> LocalResult:
-    """FedIT local update: a fresh AdamW for this round's steps (optimizer state is not shared)."""
+    """FedIT local update: a fresh AdamW for this round's steps (optimizer state is not shared).
+
+    ``key`` (run seed, round, partition) drives dropout. nn.Dropout only draws from torch's
+    global generator, so training runs inside a forked copy of it seeded from the key: the draws
+    are reproducible and the caller's global RNG state is restored untouched afterwards.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}; raise lora.local_steps")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
+    if not params:
+        raise ValueError("the model has no trainable parameters; wrap it with add_lora first")
     device = params[0].device
     base = model.get_base_model()  # the decoder with LoRA layers injected in place
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    seed = int(np.random.SeedSequence([LORA_DROPOUT_TAG, *key]).generate_state(1)[0])
     losses: list[float] = []
-    for t in range(steps):
-        loss = answer_loss(base, batch_for_step(t).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the forked copy, not the caller's state (see above)
+        model.train()
+        try:
+            for t in range(steps):
+                loss = answer_loss(base, batch_for_step(t).to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            model.eval()
     return LocalResult(train_loss=float(np.mean(losses)), steps=steps)

@@ -46,8 +46,9 @@ def batch(smollm_tokenizer: PreTrainedTokenizerBase) -> TokenBatch:
     )
 
 
-def _fresh(tok: PreTrainedTokenizerBase, *, seed: int) -> PeftModel:
-    return add_lora(tiny_causal_lm(vocab_size=len(tok), seed=0), CFG, seed=seed)
+def _fresh(tok: PreTrainedTokenizerBase, *, seed: int, dropout: float = 0.0) -> PeftModel:
+    cfg = LoRASection(rank=RANK, alpha=8, dropout=dropout)
+    return add_lora(tiny_causal_lm(vocab_size=len(tok), seed=0), cfg, seed=seed)
 
 
 def _base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -147,8 +148,12 @@ def test_load_adapter_arrays_rejects_mismatches(
     model = _fresh(smollm_tokenizer, seed=0)
     arrays: dict[str, np.ndarray] = dict(adapter_arrays(model))
     edit(arrays)
+    before = adapter_arrays(model)
+    arrays = {n: v + 1.0 if n in before else v for n, v in arrays.items()}  # would change every kept array
     with pytest.raises(ValueError, match=message):
         load_adapter_arrays(model, arrays)
+    for name, value in adapter_arrays(model).items():  # a rejected set changes nothing, not even a part
+        np.testing.assert_array_equal(value, before[name])
 
 
 def test_train_local_lowers_the_loss_and_leaves_base_weights_alone(
@@ -164,7 +169,7 @@ def test_train_local_lowers_the_loss_and_leaves_base_weights_alone(
         asked.append(t)
         return batch
 
-    result = train_local(model, batch_for_step=batch_for_step, steps=8, lr=3e-2)
+    result = train_local(model, batch_for_step=batch_for_step, steps=8, lr=3e-2, key=(0, 1, 0))
     with torch.inference_mode():
         loss_after = float(answer_loss(model.get_base_model(), batch))
 
@@ -178,13 +183,34 @@ def test_train_local_lowers_the_loss_and_leaves_base_weights_alone(
     assert any(v.any() for n, v in adapter_arrays(model).items() if "lora_B" in n)
 
 
-def test_train_local_is_reproducible(smollm_tokenizer: PreTrainedTokenizerBase, batch: TokenBatch) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_train_local_is_reproducible(
+    smollm_tokenizer: PreTrainedTokenizerBase, batch: TokenBatch, dropout: float
+) -> None:
+    # With dropout the masks come from the key, not from torch's global RNG (the autouse fixture
+    # fails this test if the global state moves); another key draws other masks.
     runs = []
-    for _ in range(2):
-        model = _fresh(smollm_tokenizer, seed=5)
-        res = train_local(model, batch_for_step=lambda t: batch, steps=3, lr=1e-2)
+    for key in [(5, 1, 0), (5, 1, 0), (5, 1, 1)]:
+        model = _fresh(smollm_tokenizer, seed=5, dropout=dropout)
+        res = train_local(model, batch_for_step=lambda t: batch, steps=3, lr=1e-2, key=key)
         runs.append((res.train_loss, adapter_arrays(model)))
-    (loss_a, arr_a), (loss_b, arr_b) = runs
+    (loss_a, arr_a), (loss_b, arr_b), (loss_c, arr_c) = runs
     assert loss_a == loss_b
     for name in arr_a:
         np.testing.assert_array_equal(arr_a[name], arr_b[name])
+    differs = loss_c != loss_a or any(not np.array_equal(arr_a[n], arr_c[n]) for n in arr_a)
+    assert differs == (dropout > 0)  # without dropout the key has nothing to draw
+
+
+def test_train_local_rejects_zero_steps_and_untrainable_models(
+    smollm_tokenizer: PreTrainedTokenizerBase, batch: TokenBatch
+) -> None:
+    with pytest.raises(ValueError, match=r"raise lora\.local_steps"):
+        train_local(
+            _fresh(smollm_tokenizer, seed=0), batch_for_step=lambda t: batch, steps=0, lr=1e-2, key=(0,)
+        )
+    frozen = _fresh(smollm_tokenizer, seed=0)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_local(frozen, batch_for_step=lambda t: batch, steps=1, lr=1e-2, key=(0,))

@@ -13,9 +13,11 @@ Usage: python benchmarks/comm.py [--quick]   (last line: one JSON object)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
+import numpy as np
 import torch
 
 from fedtune.aggregators import create_aggregator
@@ -69,16 +71,15 @@ def main() -> None:
     def settings(rnd: int) -> RoundSettings:
         return RoundSettings(server_round=rnd, lr=1e-6, eps=1e-3, num_local_steps=tau, batch_size=2)
 
-    def client_round(node: int) -> tuple[bytes, ReplyPayload]:
+    def client_round(node: int) -> ReplyPayload:
         sync = server.make_sync(node, settings(1))
         reply, _ = client.train_round(
             sync, client_key=node, view=None, batch_for_step=lambda _t: batch, num_examples=100
         )
-        return encode_sync(sync), reply
+        return reply
 
-    # Round 1: every client is new, so its download is the dense accumulator.
     nodes = list(range(1, clients_per_round + 1))
-    downs, replies = zip(*(client_round(n) for n in nodes), strict=True)
+    replies = [client_round(n) for n in nodes]
     server.aggregate_round(
         settings(1),
         [(n, encode_reply(r)) for n, r in zip(nodes, replies, strict=True)],
@@ -88,12 +89,13 @@ def main() -> None:
     reply = replies[0]
     up = encode_reply(reply)
     up_compact = encode_reply(reply, scalar_dtype="float16")
-    down = downs[0]
-    # Round 2: node 1 synced in round 1, so the compact download is the sparse delta since then.
+    # Round 2: node 1 synced in round 1, so the compact download is the sparse delta since then;
+    # the reference download is the same sync carrying the dense accumulator (K float32).
     sync2 = server.make_sync(1, settings(2))
     if not isinstance(sync2.accumulator, SparseDelta):
         raise RuntimeError("expected a sparse delta for a node that synced last round")
     down_compact = encode_sync(sync2)
+    down = encode_sync(dataclasses.replace(sync2, accumulator=server.accumulator.astype(np.float32)))
     msg_down, msg_up = flower_message_sizes(down, up)
     msg_down_c, msg_up_c = flower_message_sizes(down_compact, up_compact)
 

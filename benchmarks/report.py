@@ -32,9 +32,15 @@ from _common import Stopwatch, make_config, number, run_federated, run_metrics, 
 from fedtune.config import RunConfig
 
 Curve = list[tuple[float, float]]
-FEDERATED = ("fedkseed", "fedkseed-pro", "lora-fedavg")
+FEDERATED = ("fedkseed", "fedkseed-compact", "fedkseed-pro", "lora-fedavg")
 METHODS = (*FEDERATED, "mezo")
-ROW_NAMES = {"mezo": "mezo (centralized)"}
+ROW_NAMES = {"mezo": "mezo (centralized)", "fedkseed-compact": "fedkseed (compact wire)"}
+# FedKSeed with the compact wire: fp16 scalars up, sparse accumulator deltas down.
+COMPACT: dict[str, Any] = {
+    "run.algorithm": "fedkseed",
+    "fedkseed.reply-scalars": "float16",
+    "fedkseed.sparse-sync": True,
+}
 _MEZO_TAG = 0x4D455A4F  # "MEZO": the centralized baseline's batch order, apart from every client's
 
 
@@ -196,6 +202,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="zo.lr (LoRA keeps lora.lr)")
     p.add_argument("--num-seeds", type=int, default=None, help="K")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse <out>/rows/METHOD.json written earlier with the same settings (resume a long run)",
+    )
     p.add_argument("--worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -232,7 +243,8 @@ def run_method(method: str, flat: dict[str, Any]) -> dict[str, Any]:
         row, curve = run_mezo(make_config(flat))
         return {"row": row, "by_round": curve, "by_bytes": [], "untuned": None}
     else:
-        summary = run_federated(make_config({**flat, "run.algorithm": method}))
+        overrides: dict[str, Any] = COMPACT if method == "fedkseed-compact" else {"run.algorithm": method}
+        summary = run_federated(make_config({**flat, **overrides}))
         by_round, by_bytes = federated_curves(summary)
         untuned = {
             "heldout_loss": number(summary.get("initial_heldout_loss")),
@@ -249,13 +261,24 @@ def run_worker(method: str, flat: dict[str, Any], out: Path) -> None:
     """``--worker METHOD``: runs it and writes ``<out>/rows/<method>.json`` for the parent."""
     rows_dir = out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    result = finite_or_none(run_method(method, flat))
+    written = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    result = finite_or_none({**run_method(method, flat), "config": flat, "written_utc": written})
     (rows_dir / f"{method}.json").write_text(json.dumps(result), encoding="utf-8")
 
 
-def run_in_worker(method: str, argv: Sequence[str], out: Path) -> dict[str, Any]:
-    """Runs one method in a fresh interpreter and reads back what it wrote."""
+def run_in_worker(
+    method: str, argv: Sequence[str], out: Path, *, reuse_if: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Runs one method in a fresh interpreter and reads back what it wrote.
+
+    With ``reuse_if``, a row a previous worker wrote with exactly these settings is read instead.
+    """
     path = out / "rows" / f"{method}.json"
+    if reuse_if is not None and path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous.get("config") == reuse_if:
+            print(f"reusing {path} (same settings)", flush=True)
+            return {**_numeric_rows(previous), "reused": True}
     path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
     proc = subprocess.run(command, check=False)
@@ -264,19 +287,27 @@ def run_in_worker(method: str, argv: Sequence[str], out: Path) -> dict[str, Any]
             f"the {method} worker failed (exit {proc.returncode}); its traceback is above. Rerun it "
             f"alone with `python benchmarks/report.py {' '.join(argv)} --worker {method}`"
         )
-    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return _numeric_rows(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _numeric_rows(loaded: dict[str, Any]) -> dict[str, Any]:
+    """JSON null (a NaN on the way out) back to NaN in the row dicts."""
     for key in ("row", "untuned"):
         if loaded.get(key) is not None:
             loaded[key] = {k: number(v) for k, v in loaded[key].items()}
     return loaded
 
 
-def targets_text(bytes_ratio: float, rouge_gap: float) -> str:
+def targets_text(bytes_ratio: float, rouge_gap: float, compact_ratio: float | None = None) -> str:
     met_bytes = "met" if bytes_ratio >= 1000 else "missed"
     met_rouge = "met" if rouge_gap >= -0.5 else "missed"
+    compact = ""
+    if compact_ratio is not None and math.isfinite(compact_ratio):
+        met_compact = "met" if compact_ratio >= 1000 else "missed"
+        compact = f"; {compact_ratio:,.0f}x with FedKSeed's compact wire ({met_compact})"
     return (
         f"- Bytes: LoRA-FedAvg moves {bytes_ratio:,.0f}x more per client-round than FedKSeed "
-        f"(target: at least 1000x; {met_bytes}).\n"
+        f"(target: at least 1000x; {met_bytes}){compact}.\n"
         f"- Rouge-L: FedKSeed minus LoRA-FedAvg = {rouge_gap:+.2f} points "
         f"(target: within 0.5; {met_rouge}).\n"
     )
@@ -299,11 +330,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     by_round: dict[str, Curve] = {}
     by_bytes: dict[str, Curve] = {}
     untuned: dict[str, float] | None = None
+    reused: list[str] = []
     for method in METHODS:
         # --quick stays in one interpreter to keep under a minute (a worker costs ~10 s of imports);
         # its peak-memory column is then the running maximum over the methods.
-        result = run_method(method, flat) if args.quick else run_in_worker(method, argv, out)
+        if args.quick:
+            result = run_method(method, flat)
+        else:
+            worker_argv = [a for a in argv if a != "--reuse"]
+            result = run_in_worker(method, worker_argv, out, reuse_if=flat if args.reuse else None)
         name = ROW_NAMES.get(method, method)
+        if result.get("reused"):
+            reused.append(f"{name} ({result.get('written_utc') or 'an earlier run'})")
         rows[name] = result["row"]
         by_round[name] = [(float(x), float(y)) for x, y in result["by_round"]]
         if result["by_bytes"]:
@@ -316,11 +354,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     fk, lora = rows["fedkseed"], rows["lora-fedavg"]
     bytes_ratio = lora["payload_bytes_per_client_round"] / fk["payload_bytes_per_client_round"]
+    compact_ratio = (
+        lora["payload_bytes_per_client_round"]
+        / rows["fedkseed (compact wire)"]["payload_bytes_per_client_round"]
+    )
     rouge_gap = fk["rouge_l"] - lora["rouge_l"]
     table = markdown_table(rows)
     cfg_lines = "\n".join(f"- `{k} = {v}`" for k, v in flat.items() if not k.startswith("run."))
     command = " ".join(["python benchmarks/report.py", *argv])
     wall_min = clock() / 60
+    reused_text = f"Rows reused from earlier workers with the same settings: {', '.join(reused)}.\n\n"
     peak_text = (
         "peak RSS of this one process, a running maximum over the methods in table order (--quick)."
         if args.quick
@@ -329,10 +372,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     (out / "report.md").write_text(
         f"# fedtune matched-budget report\n\n"
-        f"`{command}`, started {started:%Y-%m-%d %H:%M} UTC, {wall_min:.0f} minutes.\n\n{table}\n\n"
-        f"{targets_text(bytes_ratio, rouge_gap)}\n"
+        f"`{command}`, started {started:%Y-%m-%d %H:%M} UTC, {wall_min:.0f} minutes.\n\n"
+        f"{reused_text if reused else ''}{table}\n\n"
+        f"{targets_text(bytes_ratio, rouge_gap, compact_ratio)}\n"
         "Payload bytes: mean (up + down) per client per round, measured from the messages. "
-        f"Client peak MB: {peak_text} MeZO is centralized, so it moves no bytes.\n\n"
+        f"Client peak MB: {peak_text} Compact wire: `fedkseed.reply-scalars = float16`, "
+        "`fedkseed.sparse-sync = true`. MeZO is centralized, so it moves no bytes.\n\n"
         f"Settings (shared by every method):\n\n{cfg_lines}\n",
         encoding="utf-8",
     )
@@ -348,9 +393,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     result_json = {
         "rows": rows,
         "bytes_ratio_lora_over_fedkseed": bytes_ratio,
+        "bytes_ratio_lora_over_fedkseed_compact": compact_ratio,
         "rouge_l_gap_fedkseed_minus_lora": rouge_gap,
         "config": {k: v for k, v in flat.items() if not k.startswith("run.")},
         "command": command,
+        "reused_rows": reused,
         "started_utc": started.isoformat(timespec="seconds"),
         "out": str(out),
         "quick": args.quick,

@@ -25,7 +25,7 @@ SEED_SAMPLING_TAG = 0x5EED5
 
 
 class StaleSyncError(RuntimeError):
-    """A sparse sync names a base version this node does not hold; the server must send it dense."""
+    """A sparse sync names a base version this node does not hold; the server resends relative to zero."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ def resolve_accumulator(sync: SyncPayload, view: NodeView | None) -> npt.NDArray
     """The full accumulator the server means, from a dense payload or a sparse delta on ``view``."""
     if isinstance(sync.accumulator, SparseDelta):
         d = sync.accumulator
+        if d.base_round == 0:  # relative to zero: the whole accumulator, whatever this node holds
+            acc = np.zeros(sync.num_seeds, dtype=np.float64)
+            acc[d.indices.astype(np.int64)] += d.values.astype(np.float64)
+            return acc
         if view is None or view.version != d.base_round:
             have = "nothing" if view is None else f"round {view.version}"
             raise StaleSyncError(f"sparse sync against round {d.base_round}, but this node holds {have}")

@@ -109,8 +109,10 @@ class FedKSeedServer:
         """The payload a sampled node needs: the accumulator (dense or a sparse delta) and config."""
         probabilities = quantize_probabilities(self.importance.scores()) if self.pro else None
         accumulator: npt.NDArray[np.float32] | SparseDelta = self.accumulator.astype(np.float32)
-        base = self.node_versions.get(node_id)
-        if self.sparse_sync and base is not None and base < settings.server_round:
+        # A node never synced (or forgotten) gets A relative to zero (base 0), which it can always
+        # apply: early in a run, or with few clients per round, few seeds are non-zero.
+        base = self.node_versions.get(node_id, 0)
+        if self.sparse_sync and base < settings.server_round:
             delta = self._delta_since(base)
             # uint16 index + float32 value per entry against 4 bytes per seed when dense.
             if delta.indices.size * 6 < self.num_seeds * 4:
@@ -130,7 +132,7 @@ class FedKSeedServer:
         )
 
     def forget_node(self, node_id: int) -> None:
-        """Next sync to this node is dense (it reported a base it cannot apply a delta to)."""
+        """Next sync to this node is relative to zero (it reported a base it cannot apply a delta to)."""
         self.node_versions.pop(node_id, None)
 
     def _delta_since(self, base_round: int) -> SparseDelta:

@@ -65,6 +65,8 @@ class PayloadError(ValueError):
 class SparseDelta(ArrayEq):
     """Accumulator change since ``base_round``: ``A = A_base; A[indices] += values``.
 
+    ``base_round = 0`` is relative to zero, i.e. the whole accumulator in sparse form.
+
     ``indices`` are strictly increasing (``np.unique`` order) and stored as uint32; ``values`` float32.
     The range check against K happens in :class:`SyncPayload`.
     """

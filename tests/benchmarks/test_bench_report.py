@@ -66,3 +66,19 @@ def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
     for name in ("report.md", "report.json", "loss_vs_rounds.png", "loss_vs_bytes.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| lora-fedavg |" in (tmp_path / "report.md").read_text()
+
+
+def test_reuse_reads_a_row_only_when_its_settings_match(report_module: object, tmp_path: Path) -> None:
+    settings = report_module.shared_settings(report_module.parse_args(["--out", str(tmp_path)]))  # type: ignore[attr-defined]
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    row = {"heldout_loss": 0.5, "rouge_l": None, "payload_bytes_per_client_round": 10.0}
+    saved = {"row": row, "by_round": [], "by_bytes": [], "untuned": None, "config": settings}
+    (rows / "mezo.json").write_text(json.dumps(saved))
+    got = report_module.run_in_worker("mezo", [], tmp_path, reuse_if=settings)  # type: ignore[attr-defined]
+    assert got["reused"] is True and got["row"]["heldout_loss"] == 0.5 and math.isnan(got["row"]["rouge_l"])
+    # other settings: the stale row is not used (the worker is started; make it fail fast)
+    other = {**settings, "federation.num-rounds": 99}
+    with pytest.raises(RuntimeError, match="the mezo worker failed"):
+        report_module.run_in_worker("mezo", ["--bogus-flag"], tmp_path, reuse_if=other)  # type: ignore[attr-defined]
+    assert not (rows / "mezo.json").exists()

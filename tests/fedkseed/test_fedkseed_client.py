@@ -113,6 +113,13 @@ def test_sparse_sync_needs_the_matching_base(tmp_path: Path) -> None:
         resolve_accumulator(sync(3, delta), NodeView(1, np.zeros(K)))
     with pytest.raises(StaleSyncError, match="holds nothing"):
         resolve_accumulator(sync(3, delta), None)
+    # base 0 is relative to zero: any node applies it, whatever (if anything) it holds
+    from_zero = SparseDelta(
+        base_round=0, indices=np.array([1, 5], np.uint32), values=np.array([0.5, -1], np.float32)
+    )
+    for held in (None, base, NodeView(1, np.zeros(K))):
+        full = resolve_accumulator(sync(3, from_zero), held)
+        assert full[1] == 0.5 and full[5] == -1.0 and np.count_nonzero(full) == 2
     base.save(tmp_path / "n.npz")
     loaded = NodeView.load(tmp_path / "n.npz", K)
     assert loaded is not None and loaded.version == 2 and np.array_equal(loaded.accumulator, base.accumulator)

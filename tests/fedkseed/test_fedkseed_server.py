@@ -177,17 +177,36 @@ def test_validate_reply_returns_rejection_objects() -> None:
 def test_sparse_sync_sends_only_what_changed_since_the_node_last_synced() -> None:
     server = make_server(sparse=True)
     first = server.make_sync(1, settings(1))
-    assert not isinstance(first.accumulator, SparseDelta)  # never synced: dense
+    # never synced: relative to zero, and in round 1 nothing is non-zero yet
+    assert isinstance(first.accumulator, SparseDelta) and first.accumulator.base_round == 0
+    assert first.accumulator.indices.size == 0
     server.aggregate_round(
         settings(1), [(1, reply(1, [2, 3, 3], [1, 1, 1]))], expected_nodes={1}, min_replies=1
     )
     second = server.make_sync(1, settings(2))
     assert isinstance(second.accumulator, SparseDelta) and second.accumulator.base_round == 1
-    rebuilt = np.asarray(first.accumulator, np.float64)
+    rebuilt = np.zeros(K)
     rebuilt[second.accumulator.indices.astype(int)] += second.accumulator.values
     np.testing.assert_allclose(rebuilt, server.accumulator, rtol=1e-6)
+    # a forgotten node (it reported a stale base) gets the whole A relative to zero
     server.forget_node(1)
-    assert not isinstance(server.make_sync(1, settings(3)).accumulator, SparseDelta)
+    third = server.make_sync(1, settings(3))
+    assert isinstance(third.accumulator, SparseDelta) and third.accumulator.base_round == 0
+    np.testing.assert_array_equal(third.accumulator.indices, np.flatnonzero(server.accumulator))
+    np.testing.assert_allclose(
+        third.accumulator.values, server.accumulator[third.accumulator.indices], rtol=1e-6
+    )
+
+
+def test_sparse_sync_falls_back_to_dense_when_the_delta_is_larger() -> None:
+    server = make_server(sparse=True)
+    touched = list(range(K))  # every seed non-zero: 6 B per entry loses to 4 B per seed
+    server.make_sync(1, settings(1))
+    server.aggregate_round(
+        settings(1, steps=K), [(1, reply(1, touched, [1.0] * K))], expected_nodes={1}, min_replies=1
+    )
+    assert np.count_nonzero(server.accumulator) == K
+    assert not isinstance(server.make_sync(2, settings(2)).accumulator, SparseDelta)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -54,8 +54,19 @@ def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = result["rows"]
-    assert list(rows) == ["untuned", "fedkseed", "fedkseed-pro", "lora-fedavg", "mezo (centralized)"]
-    fk, lora = rows["fedkseed"], rows["lora-fedavg"]
+    names = [
+        "untuned",
+        "fedkseed",
+        "fedkseed (compact wire)",
+        "fedkseed-pro",
+        "lora-fedavg",
+        "mezo (centralized)",
+    ]
+    assert list(rows) == names
+    fk, lora, compact = rows["fedkseed"], rows["lora-fedavg"], rows["fedkseed (compact wire)"]
+    # the compact wire (fp16 up, sparse deltas down) moves fewer bytes for (almost) the same model
+    assert compact["payload_bytes_per_client_round"] < fk["payload_bytes_per_client_round"]
+    assert math.isclose(compact["heldout_loss"], fk["heldout_loss"], rel_tol=1e-3)
     # bytes come from real messages: adapters dwarf seeds and scalars, and the ratio is their quotient
     assert 0 < fk["payload_bytes_per_client_round"] < lora["payload_bytes_per_client_round"]
     assert math.isclose(

@@ -242,19 +242,18 @@ def run_method(method: str, flat: dict[str, Any]) -> dict[str, Any]:
     if method == "mezo":
         row, curve = run_mezo(make_config(flat))
         return {"row": row, "by_round": curve, "by_bytes": [], "untuned": None}
-    else:
-        overrides: dict[str, Any] = COMPACT if method == "fedkseed-compact" else {"run.algorithm": method}
-        summary = run_federated(make_config({**flat, **overrides}))
-        by_round, by_bytes = federated_curves(summary)
-        untuned = {
-            "heldout_loss": number(summary.get("initial_heldout_loss")),
-            "rouge_l": number(summary.get("initial_rouge_l")),
-            "payload_bytes_per_client_round": 0.0,
-            "client_peak_mb": float("nan"),
-            "seconds_per_round": float("nan"),
-        }
-        row = federated_row(summary)
-        return {"row": row, "by_round": by_round, "by_bytes": by_bytes, "untuned": untuned}
+    overrides: dict[str, Any] = COMPACT if method == "fedkseed-compact" else {"run.algorithm": method}
+    summary = run_federated(make_config({**flat, **overrides}))
+    by_round, by_bytes = federated_curves(summary)
+    untuned = {
+        "heldout_loss": number(summary.get("initial_heldout_loss")),
+        "rouge_l": number(summary.get("initial_rouge_l")),
+        "payload_bytes_per_client_round": 0.0,
+        "client_peak_mb": float("nan"),
+        "seconds_per_round": float("nan"),
+    }
+    row = federated_row(summary)
+    return {"row": row, "by_round": by_round, "by_bytes": by_bytes, "untuned": untuned}
 
 
 def run_worker(method: str, flat: dict[str, Any], out: Path) -> None:

@@ -60,9 +60,7 @@ def resolve_accumulator(sync: SyncPayload, view: NodeView | None) -> npt.NDArray
     if isinstance(sync.accumulator, SparseDelta):
         d = sync.accumulator
         if d.base_round == 0:  # relative to zero: the whole accumulator, whatever this node holds
-            acc = np.zeros(sync.num_seeds, dtype=np.float64)
-            acc[d.indices.astype(np.int64)] += d.values.astype(np.float64)
-            return acc
+            view = NodeView(0, np.zeros(sync.num_seeds, dtype=np.float64))
         if view is None or view.version != d.base_round:
             have = "nothing" if view is None else f"round {view.version}"
             raise StaleSyncError(f"sparse sync against round {d.base_round}, but this node holds {have}")

@@ -46,7 +46,35 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
                 param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
             elif "lora_B" in name:
                 param.zero_()
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for adapter, layer in list(drops.items()):
+                if isinstance(layer, torch.nn.Dropout):
+                    drops[adapter] = KeyedDropout(layer.p)
     return peft_model
+
+
+class KeyedDropout(torch.nn.Module):
+    """Inverted dropout whose masks come from an explicit generator.
+
+    Written by hand because ``nn.Dropout`` (what peft puts before each LoRA A) can only draw from
+    torch's global RNG; :func:`train_local` gives every call a generator keyed by (run seed,
+    round, partition), so FedIT rounds are reproducible and the global RNG is never touched.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.generator is None:
+            raise RuntimeError("LoRA dropout has no key: train through fedtune.lora.train_local(key=...)")
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1.0 - self.p)
 
 
 def _wrap(model: PreTrainedModel, cfg: LoRASection) -> PeftModel:
@@ -110,9 +138,7 @@ def train_local(
 ) -> LocalResult:
     """FedIT local update: a fresh AdamW for this round's steps (optimizer state is not shared).
 
-    ``key`` (run seed, round, partition) drives dropout. nn.Dropout only draws from torch's
-    global generator, so training runs inside a forked copy of it seeded from the key: the draws
-    are reproducible and the caller's global RNG state is restored untouched afterwards.
+    ``key`` (run seed, round, partition) seeds the generator of every :class:`KeyedDropout`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}; raise lora.local_steps")
@@ -123,17 +149,21 @@ def train_local(
     base = model.get_base_model()  # the decoder with LoRA layers injected in place
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     seed = int(np.random.SeedSequence([LORA_DROPOUT_TAG, *key]).generate_state(1)[0])
+    dropout_gen = torch.Generator(device=device).manual_seed(seed)
+    drops = [m for m in model.modules() if isinstance(m, KeyedDropout)]
+    for drop in drops:  # one stream, consumed in the model's (fixed) forward order
+        drop.generator = dropout_gen
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # the forked copy, not the caller's state (see above)
-        model.train()
-        try:
-            for t in range(steps):
-                loss = answer_loss(base, batch_for_step(t).to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-                losses.append(float(loss.detach()))
-        finally:
-            model.eval()
+    model.train()
+    try:
+        for t in range(steps):
+            loss = answer_loss(base, batch_for_step(t).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+        for drop in drops:
+            drop.generator = None
     return LocalResult(train_loss=float(np.mean(losses)), steps=steps)

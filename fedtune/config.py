@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
 Scalar = bool | int | float | str
-ALGORITHMS = ("fedkseed", "fedkseed-pro", "lora-fedavg")
+# An ``[x.options]`` table, frozen: (kebab-case key, value) pairs in key order.
+Options = tuple[tuple[str, Scalar], ...]
 PARTITIONS = ("iid", "dirichlet", "group")
 PERTURBATIONS = ("gaussian", "rademacher")
 TUNE_MODES = ("all", "no-embeddings")
 CACHE_Z = ("auto", "always", "never")
 LR_SCHEDULES = ("constant", "cosine")
+SAMPLING = ("shuffle", "class-balanced")
 SCALAR_DTYPES = ("float32", "float16")
 
 
@@ -44,8 +46,10 @@ class RunSection:
     """``[run]``: identity of the run.
 
     name: label used for the output folder. seed: the run seed from which every generator (seed
-    pool, client sampling, data order) derives. algorithm: fedkseed, fedkseed-pro or lora-fedavg.
-    output_dir: where run folders (metrics.jsonl, plots, checkpoints) are written.
+    pool, client sampling, data order) derives. algorithm: a registered algorithm (fedkseed,
+    fedkseed-pro, lora-fedavg) or ``"package.module:Class"``; its own options go in
+    ``[algorithm.options]``. output_dir: where run folders (metrics.jsonl, plots, checkpoints) are
+    written.
     """
 
     name: str = "fedkseed-demo"
@@ -58,7 +62,11 @@ class RunSection:
             bool(self.name) and "/" not in self.name, "run.name must be a non-empty folder name without '/'"
         )
         _require(0 <= self.seed < 2**63, "run.seed must be a non-negative integer below 2**63")
-        _choice("run", "algorithm", self.algorithm, ALGORITHMS)
+        _require(
+            bool(self.algorithm) and self.algorithm.strip() == self.algorithm,
+            "run.algorithm must name a registered algorithm (fedkseed, fedkseed-pro, lora-fedavg) "
+            "or 'package.module:Class'",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,9 @@ class DataSection:
     concentration ``alpha``) or group (by movie/category). max_train_examples caps the training pool
     (0 = no cap). heldout_size: server-side held-out examples for answer loss. eval_generations:
     how many held-out prompts are generated greedily for Rouge-L, with at most max_new_tokens.
+    sampling: how a client draws its local batches: ``shuffle`` (plain shuffled passes over its
+    own data, as the FedKSeed paper does) or ``class-balanced`` (round-robin over labels, which
+    cancels the label skew of a Dirichlet split; an explicit choice, never the default).
     """
 
     task: str = "reviews"
@@ -100,8 +111,10 @@ class DataSection:
     heldout_size: int = 64
     eval_generations: int = 32
     max_new_tokens: int = 6
+    sampling: str = "shuffle"
 
     def __post_init__(self) -> None:
+        _choice("data", "sampling", self.sampling, SAMPLING)
         _require(
             bool(self.task), "data.task must be reviews, qa, reviews+qa or a path to a local dataset file"
         )
@@ -121,10 +134,13 @@ class FederationSection:
     """``[federation]``: clients and rounds.
 
     num_clients: simulated SuperNodes (one data partition each). clients_per_round: sampled per
-    round. num_rounds: server rounds. min_replies: a round with fewer valid replies ends the run
-    cleanly. round_timeout_s: how long the server waits for replies. client_cpus/client_gpus:
-    Ray resources per simulated client (2 CPUs = one client at a time on a 2-core machine, one
-    model in memory).
+    round. num_rounds: server rounds. min_replies: a round with fewer valid replies is skipped
+    (state untouched). max_failed_rounds: that many skipped rounds in a row end the run cleanly.
+    round_timeout_s: how long the server waits for replies. node_wait_s: how long a round waits
+    for at least min_replies live nodes before the run ends cleanly (with fewer live nodes than
+    clients_per_round but at least min_replies, the round samples those present).
+    client_cpus/client_gpus: Ray resources per simulated client (2 CPUs = one client at a time on
+    a 2-core machine, one model in memory).
     """
 
     num_clients: int = 10
@@ -132,6 +148,8 @@ class FederationSection:
     num_rounds: int = 10
     min_replies: int = 1
     round_timeout_s: float = 3600.0
+    node_wait_s: float = 300.0
+    max_failed_rounds: int = 3
     client_cpus: int = 2
     client_gpus: float = 0.0
 
@@ -147,6 +165,8 @@ class FederationSection:
             "federation.min_replies must be between 1 and federation.clients_per_round",
         )
         _require(self.round_timeout_s > 0, "federation.round_timeout_s must be > 0 seconds")
+        _require(self.node_wait_s >= 0, "federation.node_wait_s must be >= 0 seconds")
+        _require(self.max_failed_rounds >= 1, "federation.max_failed_rounds must be >= 1")
         _require(self.client_cpus >= 1, "federation.client_cpus must be >= 1")
         _require(self.client_gpus >= 0, "federation.client_gpus must be >= 0")
 
@@ -176,6 +196,11 @@ class ZOSection:
         _require(0 < self.lr < 1, "zo.lr must be in (0, 1); full-parameter ZO uses ~1e-7..1e-5")
         _choice("zo", "lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _require(0 <= self.lr_min <= self.lr, "zo.lr_min must be between 0 and zo.lr")
+        _require(
+            self.lr_schedule != "cosine" or self.lr_min > 0,
+            "zo.lr-schedule = 'cosine' decays to zo.lr-min in the last round, and a round with lr = 0 "
+            "trains nothing; set zo.lr-min > 0 (e.g. zo.lr / 10)",
+        )
         _require(0 < self.eps < 1, "zo.eps must be in (0, 1); 1e-3 is the MeZO default")
         _choice("zo", "perturbation", self.perturbation, PERTURBATIONS)
         _choice("zo", "tune", self.tune, TUNE_MODES)
@@ -198,12 +223,16 @@ class FedKSeedSection:
     num_seeds: K, the shared candidate seed pool. pro_clip: FedKSeed-Pro clips per-step scalars to
     +-pro_clip before computing seed importance. reply_scalars: float32 or float16 scalars on the
     wire. sparse_sync: send a client only the accumulator entries that changed since its last sync.
+    rebuild_each_round: every process rebuilds its model from theta_0 + replay(A) at its first sync
+    of a round instead of replaying only what changed; slower (all non-zero seeds once per round),
+    but each round then depends on A alone, so a resumed run is bit-identical to an unstopped one.
     """
 
     num_seeds: int = 4096
     pro_clip: float = 1000.0
     reply_scalars: str = "float32"
     sparse_sync: bool = False
+    rebuild_each_round: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -213,35 +242,62 @@ class FedKSeedSection:
         _choice("fedkseed", "reply-scalars", self.reply_scalars, SCALAR_DTYPES)
 
 
+def _check_options(section: str, options: Options) -> None:
+    keys = [k for k, _ in options]
+    _require(keys == sorted(set(keys)), f"[{section}.options] keys must be unique (stored sorted)")
+    for key, value in options:
+        _require(
+            bool(key) and key == key.lower() and "_" not in key and "." not in key,
+            f"{section}.options key {key!r} must be kebab-case, e.g. max-iter",
+        )
+        _require(
+            isinstance(value, bool | int | float | str),
+            f"{section}.options.{key} must be a bool, int, float or string, got {type(value).__name__}",
+        )
+
+
+def options_dict(options: Options) -> dict[str, Scalar]:
+    """An options table as a plain dict (kebab-case keys)."""
+    return dict(options)
+
+
+@dataclass(frozen=True)
+class AlgorithmSection:
+    """``[algorithm.options]``: options for the constructor of the algorithm ``run.algorithm`` names.
+
+    Checked against that constructor when the run starts: a key it does not take is an error
+    listing the ones it does. The built-in algorithms take theirs from ``[zo]``, ``[fedkseed]`` and
+    ``[lora]`` instead.
+    """
+
+    options: Options = ()
+
+    def __post_init__(self) -> None:
+        _check_options("algorithm", self.options)
+
+
 @dataclass(frozen=True)
 class AggregatorSection:
     """``[aggregator]``: how the server combines client updates.
 
     name: a registered aggregator (weighted-mean, median, trimmed-mean, clipped-mean, krum,
-    multi-krum) or ``"package.module:Class"``. The remaining keys are offered to the aggregator's
-    constructor, which takes those it declares.
+    multi-krum) or ``"package.module:Class"``. options (``[aggregator.options]``): passed to its
+    constructor, each checked against it (e.g. ``num-byzantine = 1`` for krum).
+    max_weight_ratio: no client's weight (its claimed example count) may exceed this multiple of
+    the round's median claim, so one client claiming 10^9 examples cannot own a weighted mean.
     """
 
     name: str = "weighted-mean"
-    trim_fraction: float = 0.1
-    num_byzantine: int = 0
-    clip_norm: float = 0.0
-    krum_select: int = 0
+    options: Options = ()
+    max_weight_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "aggregator.name must be a registered name or 'package.module:Class'")
-        _require(0 <= self.trim_fraction < 0.5, "aggregator.trim_fraction must be in [0, 0.5)")
-        _require(self.num_byzantine >= 0, "aggregator.num_byzantine must be >= 0")
-        _require(self.clip_norm >= 0, "aggregator.clip_norm must be >= 0 (0 = adaptive median norm)")
-        _require(self.krum_select >= 0, "aggregator.krum_select must be >= 0 (0 = n - f)")
-
-    def options(self) -> dict[str, float | int]:
-        return {
-            "trim_fraction": self.trim_fraction,
-            "num_byzantine": self.num_byzantine,
-            "clip_norm": self.clip_norm,
-            "krum_select": self.krum_select,
-        }
+        _check_options("aggregator", self.options)
+        _require(
+            self.max_weight_ratio >= 1,
+            "aggregator.max_weight_ratio must be >= 1 (a client may weigh that many times the median)",
+        )
 
 
 @dataclass(frozen=True)
@@ -283,6 +339,7 @@ class RunConfig:
     fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
 
     SECTIONS: ClassVar[tuple[str, ...]] = (
         "run",
@@ -293,7 +350,15 @@ class RunConfig:
         "fedkseed",
         "aggregator",
         "lora",
+        "algorithm",
     )
+
+    def __post_init__(self) -> None:
+        # Cross-field checks that no single section can make.
+        _require(
+            self.federation.min_replies <= self.federation.clients_per_round,
+            "federation.min_replies must be <= federation.clients_per_round",
+        )
 
     # -- serialization -------------------------------------------------------------------------
     def to_flat(self) -> dict[str, Scalar]:
@@ -301,18 +366,26 @@ class RunConfig:
         flat: dict[str, Scalar] = {}
         for section in self.SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
-                flat[f"{section}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section), f.name)
+                value = getattr(getattr(self, section), f.name)
+                if f.name == "options":
+                    flat.update({f"{section}.options.{k}": v for k, v in value})
+                else:
+                    flat[f"{section}.{f.name.replace('_', '-')}"] = value
         return flat
 
     def to_toml(self) -> str:
         lines: list[str] = []
         for section in self.SECTIONS:
             lines.append(f"[{section}]")
+            tables: list[str] = []
             for f in dataclasses.fields(getattr(self, section)):
-                lines.append(
-                    f"{f.name.replace('_', '-')} = {_toml_value(getattr(getattr(self, section), f.name))}"
-                )
+                value = getattr(getattr(self, section), f.name)
+                if f.name == "options":
+                    tables += [f"[{section}.options]", *(f"{k} = {_toml_value(v)}" for k, v in value), ""]
+                else:
+                    lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
             lines.append("")
+            lines += tables
         return "\n".join(lines)
 
     @classmethod
@@ -370,13 +443,26 @@ def _section_from(base: T, section: str, values: Mapping[str, Any]) -> T:
     hints = get_type_hints(type(base))
     fields = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
+    options: dict[str, Scalar] = {}
     for raw_key, value in values.items():
+        if raw_key.startswith("options.") and "options" in fields:
+            options[raw_key.removeprefix("options.")] = _option_value(f"{section}.{raw_key}", value)
+            continue
         name = raw_key.replace("-", "_")
         if name not in fields or raw_key != name.replace("_", "-"):
             known = ", ".join(sorted(f.replace("_", "-") for f in fields))
             raise ValueError(f"unknown config key '{section}.{raw_key}'; known keys in [{section}]: {known}")
         kwargs[name] = _coerce(f"{section}.{raw_key}", hints[name], value)
+    if options:
+        merged = {**dict(getattr(base, "options")), **options}  # noqa: B009
+        kwargs["options"] = tuple(sorted(merged.items()))
     return dataclasses.replace(base, **kwargs)  # type: ignore[type-var]
+
+
+def _option_value(key: str, value: Any) -> Scalar:
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError(f"{key} must be a bool, int, float or string, got {type(value).__name__}")
+    return value
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Scalar:
@@ -391,4 +477,6 @@ def _coerce(key: str, hint: Any, value: Any) -> Scalar:
         return float(value)
     if hint is str and isinstance(value, str):
         return value
+    if key.endswith(".options"):
+        raise ValueError(f"{key} is a table: write [{key}] in TOML or dotted keys {key}.<name>")
     raise ValueError(f"{key} must be of type {hint.__name__}, got {type(value).__name__} {value!r}")

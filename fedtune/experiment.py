@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from fedtune.config import RunConfig
+from fedtune.config import DataSection, RunConfig
 from fedtune.data.partition import partition_dataset
 from fedtune.data.tasks import build_task, split_heldout
 
@@ -26,15 +26,12 @@ class FederatedData:
 
 def build_federated_data(cfg: RunConfig) -> FederatedData:
     """Task -> held-out split -> capped training pool -> one partition per client."""
-    return _build_cached(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+    return build_federated_data_from(cfg.data, cfg.federation.num_clients, cfg.run.seed)
 
 
 @functools.lru_cache(maxsize=4)
-def _build_cached(data_cfg: object, num_clients: int, seed: int) -> FederatedData:
-    from fedtune.config import DataSection
-
-    if not isinstance(data_cfg, DataSection):
-        raise TypeError("data_cfg must be a DataSection")
+def build_federated_data_from(data_cfg: DataSection, num_clients: int, seed: int) -> FederatedData:
+    """:func:`build_federated_data` from its three inputs (cached: clients of a process share it)."""
     task = build_task(data_cfg.task, seed=seed)
     if data_cfg.heldout_size >= len(task):
         raise ValueError(

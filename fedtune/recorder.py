@@ -13,7 +13,7 @@ from rich.console import Console
 from fedtune.config import RunConfig
 from fedtune.runlog import MetricsLog, MetricValue, plot_curves, strict_json_values
 
-console = Console(stderr=False, highlight=False)
+console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -41,15 +41,32 @@ class RunRecorder:
     run_dir: Path
     cfg: RunConfig
     quiet: bool = False
+    resume: bool = False
     records: list[dict[str, MetricValue]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if not self.resume and self.metrics.path.exists():
+            raise ValueError(f"{self.metrics.path} exists; resume that run or pick a new run folder")
         self._t0 = time.perf_counter()
+        self._offset = 0.0
+
+    def restore(self, *, up_to_round: int) -> None:
+        """Reload the rows of rounds <= ``up_to_round`` (a resumed run drops rows after its checkpoint)."""
+        rows = [r for r in self.metrics.read() if isinstance(n := r.get("round"), int) and n <= up_to_round]
+        self.metrics.rewrite(rows)
+        self.records = rows
+        last = rows[-1].get("elapsed_s") if rows else 0.0
+        self._offset = float(last) if isinstance(last, int | float) else 0.0
+
+    def note(self, text: str) -> None:
+        """A progress line on the console (not in metrics.jsonl), printed once."""
+        if not self.quiet:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}  {text}[/dim]")
 
     def record(self, values: Mapping[str, MetricValue]) -> None:
         rec = dict(values)
-        rec["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
+        rec["elapsed_s"] = round(self._offset + time.perf_counter() - self._t0, 3)
         self.records.append(rec)
         self.metrics.append(rec)
         if not self.quiet:
@@ -75,14 +92,15 @@ class RunRecorder:
             "run_dir": str(self.run_dir),
             "algorithm": self.cfg.run.algorithm,
             "rounds": int(max(_numbers(self.records, "round"), default=0)),
-            "wall_s": round(time.perf_counter() - self._t0, 1),
+            "wall_s": round(self._offset + time.perf_counter() - self._t0, 1),
         }
         if evaluated:
             first, last = evaluated[0], evaluated[-1]
             for key in ("heldout_loss", "rouge_l", "exact_match"):
                 summary[f"initial_{key}"] = first.get(key)
                 summary[f"final_{key}"] = last.get(key)
-        trained = [r for r in self.records if isinstance(r.get("payload_bytes_up"), int | float)]
+        # Averages are over rounds that trained; a skipped round moved no model.
+        trained = [r for r in self.records if r.get("applied") is True]
         if trained:
             for key in ("payload_bytes_up", "payload_bytes_down", "message_bytes_up", "message_bytes_down"):
                 vals = _numbers(trained, key)

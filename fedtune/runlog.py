@@ -32,6 +32,15 @@ class MetricsLog:
     def read(self) -> list[dict[str, MetricValue]]:
         return read_jsonl(self.path)
 
+    def rewrite(self, records: Sequence[Mapping[str, MetricValue]]) -> None:
+        """Replace the file's rows atomically (a resumed run keeps only the rows it continues from)."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(
+            "".join(json.dumps(strict_json_values(r), sort_keys=True) + "\n" for r in records),
+            encoding="utf-8",
+        )
+        tmp.replace(self.path)
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, MetricValue]]:
     p = Path(path)

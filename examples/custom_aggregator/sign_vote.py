@@ -6,8 +6,9 @@ Select it in a run config with::
     name = "examples.custom_aggregator.sign_vote:SignVote"
 
 fedtune imports ``examples.custom_aggregator.sign_vote`` from the working directory (the repo
-root) or ``PYTHONPATH``. ``SignVote`` takes no options; a constructor that names one of
-``trim_fraction``, ``num_byzantine``, ``clip_norm`` or ``krum_select`` receives its config value.
+root) or ``PYTHONPATH``. ``SignVote`` takes no options, so an ``[aggregator.options]`` table is
+an error; an aggregator with a keyword parameter (``def __init__(self, *, max_iter: int = 10)``)
+receives ``max-iter`` from that table, checked against the annotation.
 """
 
 from __future__ import annotations

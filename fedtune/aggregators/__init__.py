@@ -2,7 +2,8 @@
 
 Importing the package registers the built-ins: ``weighted-mean`` (default), ``median``,
 ``trimmed-mean``, ``clipped-mean``, ``krum`` and ``multi-krum``. Outside code plugs in through
-``@register_aggregator`` or a ``"package.module:Class"`` spec; see ``docs/aggregators.md``.
+``@register_aggregator`` or a ``"package.module:Class"`` spec; options come from the
+``[aggregator.options]`` table and are checked against the constructor. See ``docs/aggregators.md``.
 """
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, GlobalUpdate, StateValue
@@ -12,6 +13,7 @@ from fedtune.aggregators.krum import Krum
 from fedtune.aggregators.median import Median
 from fedtune.aggregators.multi_krum import MultiKrum
 from fedtune.aggregators.registry import (
+    AGGREGATORS,
     available_aggregators,
     create_aggregator,
     register_aggregator,
@@ -23,6 +25,7 @@ from fedtune.aggregators.weighted_mean import WeightedMean
 DEFAULT_AGGREGATOR = "weighted-mean"
 
 __all__ = [
+    "AGGREGATORS",
     "DEFAULT_AGGREGATOR",
     "Aggregator",
     "ClientUpdate",

@@ -72,14 +72,21 @@ class GlobalUpdate:
         Named float32 arrays, read-only.
     num_clients:
         How many client updates the aggregator received (not how many it kept: Krum keeps one).
+    kept:
+        The node ids whose updates shaped the result, for selection rules (Krum keeps one,
+        Multi-Krum ``m``); ``None`` means every update counted. Algorithms that learn from
+        updates (FedKSeed-Pro's seed importance) learn only from these.
     """
 
     arrays: Mapping[str, FloatArray]
     num_clients: int
+    kept: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_clients <= 0:
             raise ValueError(f"num_clients must be positive, got {self.num_clients}")
+        if self.kept is not None and not 1 <= len(self.kept) <= self.num_clients:
+            raise ValueError(f"kept names {len(self.kept)} nodes; it must name 1..{self.num_clients}")
         object.__setattr__(self, "arrays", _frozen_arrays(self.arrays, "global update"))
 
 

@@ -97,8 +97,13 @@ class UpdateBatch:
             sq += np.einsum("ij,ij->i", flat, flat)
         return np.sqrt(sq)
 
-    def to_global(self, arrays: Mapping[str, npt.NDArray[np.floating]]) -> GlobalUpdate:
-        """Wrap float64 results as a float32 :class:`GlobalUpdate` in the clients' array order."""
+    def to_global(
+        self, arrays: Mapping[str, npt.NDArray[np.floating]], *, kept: Sequence[int] | None = None
+    ) -> GlobalUpdate:
+        """Wrap float64 results as a float32 :class:`GlobalUpdate` in the clients' array order.
+
+        ``kept``: indices into :attr:`updates` of the updates a selection rule kept (None = all).
+        """
         if arrays.keys() != self.shapes.keys():
             raise ValueError(
                 f"result arrays {sorted(arrays)} differ from the client arrays {sorted(self.shapes)}"
@@ -106,4 +111,5 @@ class UpdateBatch:
         return GlobalUpdate(
             arrays={name: np.asarray(arrays[name], dtype=np.float32) for name in self.names},
             num_clients=len(self.updates),
+            kept=None if kept is None else tuple(sorted(self.updates[i].node_id for i in kept)),
         )

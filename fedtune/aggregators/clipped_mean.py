@@ -31,7 +31,7 @@ class ClippedMean(Aggregator):
     Attributes
     ----------
     clip_norm:
-        ``C`` >= 0 (config ``aggregator.clip-norm``); 0 means "median client norm this round".
+        ``C`` >= 0 (config ``aggregator.options.clip-norm``); 0 means "median client norm this round".
     """
 
     clip_norm: float = 0.0
@@ -43,8 +43,8 @@ class ClippedMean(Aggregator):
             raise ValueError(f"clip_norm must be a number, got {self.clip_norm!r}")
         if not (np.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(
-                f"clip_norm (aggregator.clip-norm) must be a finite number >= 0, got {self.clip_norm}; "
-                "use 0 for the adaptive (median-norm) bound"
+                f"clip_norm (aggregator.options.clip-norm) must be a finite number >= 0, "
+                f"got {self.clip_norm}; use 0 for the adaptive (median-norm) bound"
             )
 
     def clip_factors(self, norms: Float64Array) -> Float64Array:

@@ -14,10 +14,10 @@ from fedtune.aggregators.registry import register_aggregator
 
 
 def check_num_byzantine(num_byzantine: int) -> None:
-    """Reject anything but a non-negative int for ``f`` (config ``aggregator.num-byzantine``)."""
+    """Reject anything but a non-negative int for ``f`` (config ``aggregator.options.num-byzantine``)."""
     if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
         raise ValueError(
-            f"num_byzantine (aggregator.num-byzantine) must be an integer >= 0, got {num_byzantine!r}"
+            f"num_byzantine (aggregator.options.num-byzantine) must be an integer >= 0, got {num_byzantine!r}"
         )
 
 
@@ -32,7 +32,7 @@ def krum_scores(batch: UpdateBatch, num_byzantine: int) -> Float64Array:
     n, f = len(batch), num_byzantine
     if n <= 2 * f + 2:
         raise ValueError(
-            f"Krum needs n > 2f + 2 updates, got n={n} with f={f} (aggregator.num-byzantine); "
+            f"Krum needs n > 2f + 2 updates, got n={n} with f={f} (aggregator.options.num-byzantine); "
             f"sample at least {2 * f + 3} clients per round or lower num-byzantine"
         )
     dist = np.zeros((n, n), dtype=np.float64)
@@ -67,7 +67,7 @@ class Krum(Aggregator):
     Attributes
     ----------
     num_byzantine:
-        ``f``, the number of Byzantine clients tolerated (config ``aggregator.num-byzantine``).
+        ``f``, the number of Byzantine clients tolerated (config ``aggregator.options.num-byzantine``).
     """
 
     num_byzantine: int = 0
@@ -85,5 +85,5 @@ class Krum(Aggregator):
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
         """Return a copy of the best-scored update's arrays."""
         batch = UpdateBatch(updates, aggregator=self.name, server_round=server_round)
-        best = batch.updates[krum_ranking(batch, self.num_byzantine)[0]]
-        return batch.to_global(dict(best.arrays))
+        best = krum_ranking(batch, self.num_byzantine)[0]
+        return batch.to_global(dict(batch.updates[best].arrays), kept=[best])

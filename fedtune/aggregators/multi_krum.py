@@ -28,9 +28,9 @@ class MultiKrum(Aggregator):
     Attributes
     ----------
     num_byzantine:
-        ``f`` (config ``aggregator.num-byzantine``).
+        ``f`` (config ``aggregator.options.num-byzantine``).
     krum_select:
-        ``m`` (config ``aggregator.krum-select``); 0 means ``n - f``.
+        ``m`` (config ``aggregator.options.krum-select``); 0 means ``n - f``.
     """
 
     num_byzantine: int = 0
@@ -43,7 +43,8 @@ class MultiKrum(Aggregator):
         m = self.krum_select
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(
-                f"krum_select (aggregator.krum-select) must be an integer >= 0 (0 means n - f), got {m!r}"
+                f"krum_select (aggregator.options.krum-select) must be an integer >= 0 "
+                f"(0 means n - f), got {m!r}"
             )
 
     @property
@@ -60,8 +61,8 @@ class MultiKrum(Aggregator):
         if m > n - f:
             raise ValueError(
                 f"multi-krum: krum_select={m} exceeds n - f = {n} - {f}, so a Byzantine update would "
-                f"always be selected; lower aggregator.krum-select or sample at least {m + f} clients"
+                f"always be selected; lower aggregator.options.krum-select or sample at least {m + f} clients"
             )
         chosen = np.zeros(n, dtype=np.float64)
         chosen[ranking[:m]] = 1.0
-        return batch.to_global(weighted_sum(batch, chosen, divisor=float(m)))
+        return batch.to_global(weighted_sum(batch, chosen, divisor=float(m)), kept=ranking[:m])

@@ -30,7 +30,7 @@ class TrimmedMean(Aggregator):
     Attributes
     ----------
     trim_fraction:
-        beta, the fraction trimmed at each end, in ``[0, 0.5)`` (config ``aggregator.trim-fraction``).
+        beta, the fraction trimmed at each end, in ``[0, 0.5)`` (config ``aggregator.options.trim-fraction``).
     """
 
     trim_fraction: float = 0.1
@@ -42,8 +42,9 @@ class TrimmedMean(Aggregator):
             raise ValueError(f"trim_fraction must be a number, got {self.trim_fraction!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(
-                f"trim_fraction (aggregator.trim-fraction) must be in [0, 0.5), got {self.trim_fraction}; "
-                "it is the fraction of clients dropped at EACH end, so 0.5 would drop everyone"
+                f"trim_fraction (aggregator.options.trim-fraction) must be in [0, 0.5), "
+                f"got {self.trim_fraction}; it is the fraction of clients dropped at EACH end, "
+                "so 0.5 would drop everyone"
             )
 
     def num_trimmed(self, num_clients: int) -> int:

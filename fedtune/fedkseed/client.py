@@ -9,14 +9,15 @@ bounded by K.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
+from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.data.batch import TokenBatch
 from fedtune.wire.codec import ReplyPayload, SparseDelta, SyncPayload, probabilities_from_quantized
 from fedtune.zo import MeZOStep, replay
@@ -70,25 +71,43 @@ def resolve_accumulator(sync: SyncPayload, view: NodeView | None) -> npt.NDArray
     return np.asarray(sync.accumulator, dtype=np.float64)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class FedKSeedClient:
     """A model plus the exact coefficient vector C that separates it from the pretrained weights."""
 
-    def __init__(self, stepper: MeZOStep, *, num_seeds: int, run_seed: int, fingerprint: str) -> None:
+    def __init__(
+        self,
+        stepper: MeZOStep,
+        *,
+        num_seeds: int,
+        run_seed: int,
+        fingerprint: str,
+        rebuild_each_round: bool = False,
+    ) -> None:
         self.stepper = stepper
         self.num_seeds = num_seeds
         self.run_seed = run_seed
         self.fingerprint = fingerprint
         self.coefficients = np.zeros(num_seeds, dtype=np.float64)
+        # Incremental replays make the float32 weights depend (by rounding) on the path taken to
+        # them; rebuilding from theta_0 at a round's first sync makes each round a function of A
+        # alone, so a resumed run (a fresh process) is bit-identical to one that never stopped.
+        self._theta0 = [p.detach().clone() for p in stepper.tuned.tensors] if rebuild_each_round else None
+        self._rebuilt_round = -1
 
-    def sync_to(self, target: npt.NDArray[np.float64]) -> int:
-        """Replay target - C onto the model; returns how many seeds were replayed."""
+    def sync_to(self, target: npt.NDArray[np.float64], *, server_round: int | None = None) -> int:
+        """Replay target - C onto the model; returns how many seeds were replayed.
+
+        With ``rebuild_each_round``, the first sync of each ``server_round`` restores theta_0 and
+        replays the whole target instead.
+        """
         if target.shape != (self.num_seeds,):
             raise ValueError(f"accumulator has shape {target.shape}, expected ({self.num_seeds},)")
+        if self._theta0 is not None and server_round is not None and server_round != self._rebuilt_round:
+            with torch.no_grad():
+                for p, p0 in zip(self.stepper.tuned.tensors, self._theta0, strict=True):
+                    p.copy_(p0)
+            self.coefficients = np.zeros(self.num_seeds, dtype=np.float64)
+            self._rebuilt_round = server_round
         delta = target - self.coefficients
         nz = np.flatnonzero(delta)
         if nz.size:
@@ -129,7 +148,7 @@ class FedKSeedClient:
         if sync.num_seeds != self.num_seeds:
             raise ValueError(f"server uses K={sync.num_seeds} seeds, this client K={self.num_seeds}")
         target = resolve_accumulator(sync, view)
-        self.sync_to(target)
+        self.sync_to(target, server_round=sync.server_round)
         seeds = self.draw_seeds(sync, client_key)
         kept_seeds: list[int] = []
         grads: list[float] = []

@@ -35,6 +35,7 @@ class ReplicaKey:
     cache_z: str
     run_seed: int
     num_seeds: int
+    rebuild_each_round: bool
 
 
 @dataclass
@@ -62,6 +63,7 @@ def replica_key(cfg: RunConfig) -> ReplicaKey:
         cache_z=cfg.zo.cache_z,
         run_seed=cfg.run.seed,
         num_seeds=cfg.fedkseed.num_seeds,
+        rebuild_each_round=cfg.fedkseed.rebuild_each_round,
     )
 
 
@@ -74,7 +76,11 @@ def build_replica(cfg: RunConfig) -> Replica:
     stepper = MeZOStep(model, tuned, zo_cfg, run_seed=cfg.run.seed)
     fingerprint = fingerprint_digest(Fingerprint.of(tuned, kind=zo_cfg.kind, run_seed=cfg.run.seed))
     client = FedKSeedClient(
-        stepper, num_seeds=cfg.fedkseed.num_seeds, run_seed=cfg.run.seed, fingerprint=fingerprint
+        stepper,
+        num_seeds=cfg.fedkseed.num_seeds,
+        run_seed=cfg.run.seed,
+        fingerprint=fingerprint,
+        rebuild_each_round=cfg.fedkseed.rebuild_each_round,
     )
     return Replica(model=model, tokenizer=tokenizer, client=client)
 

@@ -7,15 +7,28 @@ supported path) reads the same keys from ``pyproject.toml`` and ``--run-config``
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
 
 
-def simulate(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; returns the run summary."""
+class _DropDeprecation(logging.Filter):
+    """Hide Flower's one "run_simulation is deprecated" notice (the README says why we use it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "run_simulation" not in text and "DEPRECATED FEATURE" not in text
+
+
+def simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; returns the run summary.
+
+    ``resume_dir``: continue that run folder from its checkpoint instead of starting a new one.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -26,10 +39,15 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     flat = cfg.to_flat()
     results: list[dict[str, Any]] = []
     fed = cfg.federation
+    flwr_log = logging.getLogger("flwr")
+    drop = _DropDeprecation()
+    flwr_log.addFilter(drop)
+    for handler in flwr_log.handlers:
+        handler.addFilter(drop)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(flat, results=results),
+            server_app=build_server_app(flat, results=results, resume_dir=resume_dir),
             client_app=build_client_app(flat),
             num_supernodes=fed.num_clients,
             backend_config={

@@ -6,16 +6,24 @@ For fast, deterministic strategy tests (see ../shared docs, Flower 1.42 §1.2). 
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.config import RunConfig
+from fedtune.flower.apps import build_client_app
+from fedtune.flower.transport import GridTransport
+from fedtune.runlog import MetricValue
+from fedtune.runtime.loop import RunLoop
 
 ConfigValue = int | float | str | bool
 
@@ -32,7 +40,9 @@ def wire_round_trip(message: Message) -> Message:
 class LocalGrid(Grid):
     """Delivers each message to ``client_app`` at once; replies are kept until pulled.
 
-    ``tamper`` lets a test rewrite a node's reply (Byzantine or broken clients).
+    ``tamper`` lets a test rewrite a node's reply (Byzantine or broken clients). ``live`` (when
+    given) says which node ids are connected now. A ClientApp that raises gets an error reply,
+    as Flower's runtimes give.
     """
 
     def __init__(
@@ -43,12 +53,14 @@ class LocalGrid(Grid):
         run_config: Mapping[str, ConfigValue] | None = None,
         node_config: Callable[[int], Mapping[str, ConfigValue]] | None = None,
         tamper: Callable[[int, Message], Message | None] | None = None,
+        live: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         # A fresh run id per grid, as Flower gives each run: per-run client state never leaks across runs.
         self.run_id = uuid.uuid4().int >> 65
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.client_app = client_app
         self.tamper = tamper
+        self.live = live
         self._replies: dict[str, Message] = {}
         self._run: Run | None = None
         self.contexts = {
@@ -85,7 +97,7 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return list(self.contexts) if self.live is None else [n for n in self.live() if n in self.contexts]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = []
@@ -97,7 +109,11 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = mid
             self.delivered.append(msg)
             node = msg.metadata.dst_node_id
-            reply: Message | None = self.client_app(msg, self.contexts[node])
+            reply: Message | None
+            try:
+                reply = self.client_app(msg, self.contexts[node])
+            except Exception as exc:  # as Flower does: the exception becomes an error reply
+                reply = Message(error=Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             if self.tamper is not None and reply is not None:
                 reply = self.tamper(node, reply)
             if reply is not None:
@@ -112,3 +128,46 @@ class LocalGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def run_local(
+    cfg: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    state_dir: Path | None = None,
+    tamper: Callable[[int, Message], Message | None] | None = None,
+    live: Callable[[], Iterable[int]] | None = None,
+    node_config: Callable[[int], Mapping[str, ConfigValue]] | None = None,
+    settle_s: float = 0.0,
+    stop_after: int | None = None,
+    quiet: bool = True,
+) -> tuple[dict[str, MetricValue], LocalGrid]:
+    """Run ``cfg`` through the real ServerApp loop and ClientApp code on a :class:`LocalGrid`.
+
+    Node ``i`` is partition ``i`` with client state under ``state_dir`` (a fresh temporary folder
+    unless given; pass the same one to resume). Node ids are ``1000 + i``.
+    """
+    n = cfg.federation.num_clients
+    root = str(state_dir) if state_dir is not None else tempfile.mkdtemp(prefix="fedtune-state-")
+
+    def default_node_config(i: int) -> Mapping[str, ConfigValue]:
+        return {"partition-id": i, "num-partitions": n, "state-dir": root}
+
+    grid = LocalGrid(
+        build_client_app(cfg.to_flat()),
+        n,
+        node_config=node_config or default_node_config,
+        tamper=tamper,
+        live=live,
+    )
+    loop = RunLoop(
+        cfg,
+        GridTransport(grid),
+        run_dir=run_dir,
+        resume=resume,
+        quiet=quiet,
+        settle_s=settle_s,
+        stop_after=stop_after,
+    )
+    return loop.run(), grid

@@ -1,4 +1,4 @@
-"""LoRA-FedAvg server state: the global adapter, reply validation, aggregation of adapter deltas.
+"""LoRA-FedAvg server half: the global adapter, reply validation, aggregation of adapter deltas.
 
 Clients return their updated adapter weights (FedIT). The server validates them, turns them into
 deltas against the global adapter, and hands the deltas to the configured aggregator: with the
@@ -8,112 +8,149 @@ than raw weights, as they expect.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from fedtune.aggregators.base import Aggregator, ClientUpdate
-from fedtune.fedkseed.server import MAX_NUM_EXAMPLES, Rejection
+from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
+from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, ReplyAdmission, aggregate_updates, check_global
+from fedtune.wire.codec import PayloadError
+from fedtune.wire.lora_codec import (
+    AdapterReplyPayload,
+    AdapterSyncPayload,
+    decode_adapter_reply,
+    encode_adapter_sync,
+)
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterReply:
-    node_id: int
-    server_round: int
-    num_examples: int
-    arrays: Mapping[str, npt.NDArray[np.generic]]
-    train_loss: float
-    peak_memory_mb: float
-
-
-@dataclass(frozen=True)
-class LoRARoundOutcome:
-    server_round: int
-    accepted: tuple[int, ...]
-    rejected: tuple[Rejection, ...]
-    train_loss: float
-    applied: bool
-    peak_memory_mb: float
+STATE_VERSION = 1
+AdapterArrays = dict[str, npt.NDArray[np.float32]]
 
 
-@dataclass
-class LoRAFedAvgServer:
+class LoRAFedAvgServer(ServerAlgorithm):
     """Global adapter weights plus the aggregator; state changes only after full validation."""
 
-    global_arrays: dict[str, npt.NDArray[np.float32]]
-    aggregator: Aggregator
-    completed_round: int = field(default=0)
+    def __init__(
+        self,
+        global_arrays: Mapping[str, npt.NDArray[np.float32]],
+        aggregator: Aggregator,
+        *,
+        max_weight_ratio: float = 10.0,
+        eval_model: Callable[[AdapterArrays], EvalModel] | None = None,
+    ) -> None:
+        self.global_arrays: AdapterArrays = {
+            k: np.asarray(v, np.float32).copy() for k, v in global_arrays.items()
+        }
+        self.aggregator = aggregator
+        self.max_weight_ratio = max_weight_ratio
+        self._eval_model = eval_model
+        self.completed_round = 0
+        self._sent: tuple[int, set[int]] = (0, set())
 
-    def validate(
-        self, reply: AdapterReply, server_round: int, *, expected: set[int], seen: set[int]
-    ) -> ClientUpdate | Rejection:
-        node = reply.node_id
-        if node not in expected:
-            return Rejection(node, "reply from a node that was not sampled this round")
-        if node in seen:
-            return Rejection(node, "duplicate reply for this round")
-        if reply.server_round != server_round:
-            return Rejection(node, f"reply is for round {reply.server_round}, expected {server_round}")
-        if not 0 < reply.num_examples <= MAX_NUM_EXAMPLES:
-            return Rejection(node, f"absurd num_examples {reply.num_examples}")
-        if set(reply.arrays) != set(self.global_arrays):
-            return Rejection(node, "adapter names differ from the global adapter")
-        deltas: dict[str, npt.NDArray[np.float32]] = {}
-        for name, ref in self.global_arrays.items():
-            arr = np.asarray(reply.arrays[name])
-            if arr.dtype != np.float32:
-                return Rejection(node, f"adapter {name} has dtype {arr.dtype}, expected float32")
-            if arr.shape != ref.shape:
-                return Rejection(node, f"adapter {name} has shape {arr.shape}, expected {ref.shape}")
-            if not np.isfinite(arr).all():
-                return Rejection(node, f"adapter {name} holds NaN or Inf")
-            deltas[name] = arr - ref
-        seen.add(node)
-        return ClientUpdate(node, reply.num_examples, deltas)
+    @property
+    def min_updates(self) -> int:
+        return self.aggregator.min_clients
 
-    def aggregate_round(
-        self, server_round: int, replies: Sequence[AdapterReply], *, expected: set[int], min_replies: int
-    ) -> LoRARoundOutcome:
-        updates: list[ClientUpdate] = []
-        rejected: list[Rejection] = []
-        losses: list[tuple[float, int]] = []
-        peak = 0.0
-        seen: set[int] = set()
-        for reply in replies:
-            res = self.validate(reply, server_round, expected=expected, seen=seen)
-            if isinstance(res, Rejection):
-                log.warning(
-                    "round %d: rejected reply from node %d: %s", server_round, res.node_id, res.reason
-                )
-                rejected.append(res)
-                continue
-            updates.append(res)
-            losses.append((reply.train_loss, reply.num_examples))
-            peak = max(peak, reply.peak_memory_mb)
-        updates.sort(key=lambda u: u.node_id)
-        n = sum(w for _, w in losses)
-        loss = sum(v * w for v, w in losses) / n if n else float("nan")
-        kw = dict(
-            server_round=server_round,
-            accepted=tuple(u.node_id for u in updates),
-            rejected=tuple(rejected),
-            train_loss=loss,
-            peak_memory_mb=peak,
+    def describe(self) -> str:
+        size = sum(a.size for a in self.global_arrays.values())
+        return f"LoRA-FedAvg (FedIT): {len(self.global_arrays)} adapter tensors, {size:,} parameters"
+
+    def configure(self, server_round: int, node_ids: Sequence[int]) -> dict[int, bytes]:
+        payload = encode_adapter_sync(
+            AdapterSyncPayload(server_round=server_round, arrays=self.global_arrays)
         )
-        if len(updates) < min_replies:
-            return LoRARoundOutcome(**kw, applied=False)  # type: ignore[arg-type]
-        agg = self.aggregator.aggregate(server_round, updates)
-        new = {}
+        self._sent = (server_round, set(node_ids))
+        return dict.fromkeys(node_ids, payload)
+
+    def validate(self, payload: bytes, server_round: int) -> AdapterReplyPayload | str:
+        try:
+            reply = decode_adapter_reply(payload)
+        except PayloadError as exc:
+            return f"malformed payload: {exc}"
+        if reply.server_round != server_round:
+            return f"reply is for round {reply.server_round}, expected {server_round}"
+        if not 0 < reply.num_examples <= MAX_NUM_EXAMPLES:
+            return f"absurd num_examples {reply.num_examples}"
+        if list(reply.arrays) != list(self.global_arrays):
+            return "adapter names differ from the global adapter"
         for name, ref in self.global_arrays.items():
-            delta = np.asarray(agg.arrays[name], dtype=np.float32)
-            if delta.shape != ref.shape or not np.isfinite(delta).all():
-                raise ValueError(f"aggregator returned a bad delta for {name}: shape {delta.shape}")
-            new[name] = (ref + delta).astype(np.float32)
-        self.global_arrays = new
-        self.completed_round += 1
-        return LoRARoundOutcome(**kw, applied=True)  # type: ignore[arg-type]
+            if reply.arrays[name].shape != ref.shape:
+                return f"adapter {name} has shape {reply.arrays[name].shape}, expected {ref.shape}"
+        return reply
+
+    def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
+        sent_round, sent = self._sent
+        gate = ReplyAdmission(server_round, expected=sent if sent_round == server_round else set())
+        accepted: list[tuple[ClientUpdate, AdapterReplyPayload]] = []
+        for r in replies:
+            payload = gate.admit(r)
+            if payload is None:
+                continue
+            res = self.validate(payload, server_round)
+            if isinstance(res, str):
+                gate.reject(r.node_id, res)
+                continue
+            deltas = {k: (res.arrays[k] - ref).astype(np.float32) for k, ref in self.global_arrays.items()}
+            accepted.append((ClientUpdate(r.node_id, res.num_examples, deltas), res))
+        accepted.sort(key=lambda pair: pair[0].node_id)
+        n = sum(rep.num_examples for _, rep in accepted)
+        metrics: dict[str, int | float] = {
+            "train_loss": sum(rep.train_loss * rep.num_examples for _, rep in accepted) / n
+            if n
+            else float("nan"),
+            "client_peak_mb": max((rep.peak_memory_mb for _, rep in accepted), default=float("nan")),
+        }
+        ids = tuple(u.node_id for u, _ in accepted)
+
+        def skipped(note: str) -> RoundOutcome:
+            return RoundOutcome(server_round, False, ids, tuple(gate.rejected), metrics, note)
+
+        need = max(min_replies, self.min_updates)
+        if len(accepted) < need:
+            return skipped(f"{len(accepted)} valid replies, fewer than the {need} needed")
+        glob = aggregate_updates(
+            self.aggregator, server_round, [u for u, _ in accepted], max_weight_ratio=self.max_weight_ratio
+        )
+        if isinstance(glob, str):
+            return skipped(glob)
+        problem = check_global(glob, {k: v.shape for k, v in self.global_arrays.items()}, self.aggregator)
+        if problem is not None:
+            return skipped(problem)
+        self.global_arrays = {
+            k: (ref + np.asarray(glob.arrays[k], np.float32)).astype(np.float32)
+            for k, ref in self.global_arrays.items()
+        }
+        self.completed_round = server_round
+        return RoundOutcome(server_round, True, ids, tuple(gate.rejected), metrics)
+
+    def eval_model(self) -> EvalModel | None:
+        return None if self._eval_model is None else self._eval_model(self.global_arrays)
+
+    def state_dict(self) -> dict[str, StateValue]:
+        state: dict[str, StateValue] = {
+            "version": STATE_VERSION,
+            "completed_round": self.completed_round,
+            "names": "\n".join(self.global_arrays),
+        }
+        state.update({f"adapter.{k}": v.copy() for k, v in self.global_arrays.items()})
+        state.update({f"agg.{k}": v for k, v in self.aggregator.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"LoRA-FedAvg state version {state.get('version')!r} is not {STATE_VERSION}")
+        names = str(state.get("names", "")).split("\n")
+        if names != list(self.global_arrays):
+            raise ValueError(
+                "checkpoint adapter names differ from this run's; resume with the same model and lora.*"
+            )
+        arrays: AdapterArrays = {}
+        for name, ref in self.global_arrays.items():
+            arr = np.asarray(state[f"adapter.{name}"], dtype=np.float32)
+            if arr.shape != ref.shape or not np.isfinite(arr).all():
+                raise ValueError(f"checkpoint adapter {name} has shape {arr.shape} or non-finite values")
+            arrays[name] = arr.copy()
+        self.aggregator.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("agg.")})
+        self.global_arrays = arrays
+        self.completed_round = int(state["completed_round"])  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ Everything decoded is untrusted: any malformed, inconsistent or non-finite input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,16 @@ _SCALAR_DTYPES: Final[dict[int, np.dtype[Any]]] = {
 }
 _SCALAR_ENUMS: Final = {"float32": pb.SCALAR_DTYPE_FLOAT32, "float16": pb.SCALAR_DTYPE_FLOAT16}
 
-_M = TypeVar("_M", pb.KSeedSync, pb.KSeedReply)
+
+class _Versioned(Protocol):
+    """Any fedtune message: every schema carries ``schema_version`` as field 1."""
+
+    schema_version: int
+
+    def ParseFromString(self, serialized: bytes, /) -> int: ...  # noqa: N802 (protobuf's name)
+
+
+_M = TypeVar("_M", bound=_Versioned)
 
 
 class PayloadError(ValueError):
@@ -246,7 +255,11 @@ def _unpack_indices(data: bytes, width: int, what: str) -> npt.NDArray[Any]:
     return _unpack(data, _WIDTH_DTYPES[width], what)
 
 
-def _parse(data: object, message: _M) -> _M:
+def _parse(data: object, message: _M, *, supported: frozenset[int] = SUPPORTED_SCHEMA_VERSIONS) -> _M:
+    """Parse untrusted ``data`` into ``message``, refusing non-bytes, corrupt bytes and unknown versions.
+
+    Shared by every wire module; ``supported`` is the set of schema versions of that module's messages.
+    """
     name = type(message).__name__
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"decode expects bytes for {name}, got {type(data).__name__}")
@@ -256,10 +269,10 @@ def _parse(data: object, message: _M) -> _M:
         raise PayloadError(
             f"malformed {name} protobuf ({exc}); the bytes are corrupt or not a {name}"
         ) from exc
-    if message.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+    if message.schema_version not in supported:
         raise PayloadError(
             f"{name} schema_version {message.schema_version} is not supported (this fedtune reads "
-            f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}); the bytes are empty/not a {name}, or the sender runs "
+            f"{sorted(supported)}); the bytes are empty/not a {name}, or the sender runs "
             "another fedtune version: upgrade the older side"
         )
     return message

@@ -13,12 +13,6 @@ from fedtune.aggregators.conformance import check_aggregator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC = "examples.custom_aggregator.sign_vote:SignVote"
-CONFIG_OPTIONS: dict[str, float | int] = {
-    "trim_fraction": 0.1,
-    "num_byzantine": 1,
-    "clip_norm": 0.0,
-    "krum_select": 0,
-}
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +21,15 @@ def from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_example_loads_and_passes_conformance() -> None:
-    agg = create_aggregator(SPEC, **CONFIG_OPTIONS)
+    agg = create_aggregator(SPEC)
     assert type(agg).__name__ == "SignVote"
     assert agg.name == "sign-vote"
-    check_aggregator(lambda: create_aggregator(SPEC, **CONFIG_OPTIONS))
+    check_aggregator(lambda: create_aggregator(SPEC))
+
+
+def test_example_rejects_options_it_does_not_take() -> None:
+    with pytest.raises(ValueError, match=r"takes no option 'num-byzantine'; it takes no options"):
+        create_aggregator(SPEC, {"num-byzantine": 1})
 
 
 def test_example_majority_vote_by_hand() -> None:
@@ -48,6 +47,7 @@ def test_simulation_override_selects_the_example() -> None:
     config = tomllib.loads((REPO_ROOT / "simulations" / "custom_aggregator.toml").read_text())
     assert config["aggregator"]["name"] == SPEC
     assert resolve_aggregator(config["aggregator"]["name"]).__name__ == "SignVote"
+    assert "options" not in config["aggregator"]  # SignVote takes none
 
 
 def test_docs_show_the_example_verbatim() -> None:

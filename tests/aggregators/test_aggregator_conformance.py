@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedtune.aggregators import (
+    AGGREGATORS,
     Aggregator,
     ClientUpdate,
     GlobalUpdate,
@@ -19,11 +20,11 @@ from fedtune.aggregators import (
 from fedtune.aggregators import conformance as conf
 from fedtune.aggregators.base import StateValue
 
-# The config layer always passes all four; two sets so both Krum regimes (f = 0 and f = 1) and
-# both clipping modes (adaptive, fixed) run through every check.
+# Two option sets so both Krum regimes (f = 0 and f = 1) and both clipping modes (adaptive, fixed)
+# run through every check; each aggregator gets the options it declares (unknown ones are errors).
 OPTION_SETS: dict[str, dict[str, float | int]] = {
-    "adaptive-f1": {"trim_fraction": 0.2, "num_byzantine": 1, "clip_norm": 0.0, "krum_select": 0},
-    "fixed-f0": {"trim_fraction": 0.0, "num_byzantine": 0, "clip_norm": 0.5, "krum_select": 2},
+    "adaptive-f1": {"trim-fraction": 0.2, "num-byzantine": 1, "clip-norm": 0.0, "krum-select": 0},
+    "fixed-f0": {"trim-fraction": 0.0, "num-byzantine": 0, "clip-norm": 0.5, "krum-select": 2},
 }
 # Registered aggregators that do NOT return a lone client's update unchanged (none today).
 NO_SINGLE_CLIENT_IDENTITY: frozenset[str] = frozenset()
@@ -32,7 +33,9 @@ CHECKS = {check.__name__: check for check in conf.ALL_CHECKS}
 
 
 def _factory(name: str, options: dict[str, float | int]) -> conf.AggregatorFactory:
-    return lambda: create_aggregator(name, **options)
+    accepted = AGGREGATORS.options_of(name)
+    own = {key: value for key, value in options.items() if key in accepted}
+    return lambda: create_aggregator(name, own)
 
 
 @pytest.mark.parametrize("check_name", sorted(CHECKS))
@@ -59,7 +62,7 @@ def test_builtins_claim_permutation_invariance() -> None:
 def test_single_krum_client_is_rejected_with_the_rule() -> None:
     lone = conf.lora_like_updates(1)
     for name in ("krum", "multi-krum"):
-        agg = create_aggregator(name, num_byzantine=0)
+        agg = create_aggregator(name, {"num-byzantine": 0})
         assert agg.min_clients == 3
         with pytest.raises(ValueError, match=r"n > 2f \+ 2.*n=1 with f=0.*at least 3 clients"):
             agg.aggregate(1, lone)

@@ -1,0 +1,108 @@
+"""FedKSeed and FedKSeed-Pro as registered algorithms (Qin et al., "Federated Full-Parameter
+Tuning of Billion-Sized Language Models with Communication Cost under 18 Kilobytes", ICML 2024).
+
+Options come from the typed ``[zo]`` and ``[fedkseed]`` sections; payloads are the
+``KSeedSync`` / ``KSeedReply`` messages of ``proto/fedtune/v1/fedkseed.proto``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from fedtune.aggregators.base import Aggregator
+from fedtune.algorithms.base import Algorithm, ClientAlgorithm, ClientError, EvalModel, NodeContext
+from fedtune.algorithms.registry import register_algorithm
+from fedtune.config import RunConfig
+from fedtune.fedkseed.client import NodeView, StaleSyncError
+from fedtune.fedkseed.replica import get_replica
+from fedtune.fedkseed.server import FedKSeedServer, RoundSettings
+from fedtune.wire.codec import decode_sync, encode_reply
+from fedtune.wire.errors import ErrorCode
+
+VIEW_FILE = "fedkseed-view.npz"
+
+
+def round_settings(cfg: RunConfig, server_round: int) -> RoundSettings:
+    zo = cfg.zo
+    return RoundSettings(
+        server_round=server_round,
+        lr=zo.lr_at(server_round, cfg.federation.num_rounds),
+        eps=zo.eps,
+        num_local_steps=zo.local_steps,
+        batch_size=zo.batch_size,
+    )
+
+
+class FedKSeedNode(ClientAlgorithm):
+    """One FedKSeed round on a node: sync by seed replay, tau MeZO steps, reply with scalars."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def train(self, payload: bytes, node: NodeContext) -> bytes:
+        cfg = self.cfg
+        sync = decode_sync(payload)
+        replica = get_replica(cfg)
+        path = node.state_dir / VIEW_FILE
+        view = NodeView.load(path, cfg.fedkseed.num_seeds)
+        batches = node.data.batches(
+            replica.tokenizer,
+            batch_size=sync.batch_size,
+            max_length=cfg.model.max_length,
+            key=(cfg.run.seed, sync.server_round, node.partition_id),
+        )
+        try:
+            reply, new_view = replica.client.train_round(
+                sync,
+                client_key=node.partition_id,
+                view=view,
+                batch_for_step=batches,
+                num_examples=len(node.data),
+            )
+        except StaleSyncError as exc:
+            raise ClientError(
+                ErrorCode.STALE_SYNC, str(exc), held_version=None if view is None else view.version
+            ) from exc
+        new_view.save(path)
+        return encode_reply(reply, scalar_dtype=cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
+
+
+@register_algorithm("fedkseed")
+class FedKSeed(Algorithm):
+    """FedKSeed: uniform sampling from a pool of K shared seeds."""
+
+    pro: ClassVar[bool] = False
+
+    def server(self, aggregator: Aggregator) -> FedKSeedServer:
+        cfg = self.cfg
+        replica = get_replica(cfg)
+
+        def eval_model(accumulator: npt.NDArray[np.float64]) -> EvalModel:
+            replica.client.sync_to(accumulator, server_round=server.completed_round)
+            return EvalModel(replica.model, replica.tokenizer)
+
+        server = FedKSeedServer(
+            num_seeds=cfg.fedkseed.num_seeds,
+            aggregator=aggregator,
+            fingerprint=replica.fingerprint,
+            settings=lambda r: round_settings(cfg, r),
+            pro=self.pro,
+            pro_clip=cfg.fedkseed.pro_clip,
+            sparse_sync=cfg.fedkseed.sparse_sync,
+            max_weight_ratio=cfg.aggregator.max_weight_ratio,
+            eval_model=eval_model,
+        )
+        return server
+
+    def client(self) -> FedKSeedNode:
+        return FedKSeedNode(self.cfg)
+
+
+@register_algorithm("fedkseed-pro")
+class FedKSeedPro(FedKSeed):
+    """FedKSeed-Pro: seeds sampled by importance (softmax of normalised mean |g| per seed)."""
+
+    pro: ClassVar[bool] = True

@@ -1,0 +1,102 @@
+"""LoRA-FedAvg (FedIT; Zhang et al., "Towards Building the Federated GPT: Federated Instruction
+Tuning", ICASSP 2024) as a registered algorithm: options from ``[lora]``, payloads from
+``proto/fedtune/v1/lora.proto``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.aggregators.base import Aggregator
+from fedtune.algorithms.base import Algorithm, ClientAlgorithm, EvalModel, NodeContext
+from fedtune.algorithms.registry import register_algorithm
+from fedtune.algorithms.rounds import peak_rss_mb
+from fedtune.assets.models import load_causal_lm, load_tokenizer
+from fedtune.config import RunConfig
+from fedtune.lora.fedit import AdapterArrays, adapter_arrays, add_lora, load_adapter_arrays, train_local
+from fedtune.lora.server import LoRAFedAvgServer
+from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
+
+_LOCK = threading.Lock()
+_MODELS: dict[tuple[Any, ...], tuple[PeftModel, PreTrainedTokenizerBase, AdapterArrays]] = {}
+
+
+def _cached(cfg: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, AdapterArrays]:
+    key = (cfg.model.name, cfg.model.num_layers, cfg.lora, cfg.run.seed)
+    with _LOCK:
+        if key not in _MODELS:
+            base = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
+            model = add_lora(base, cfg.lora, seed=cfg.run.seed)
+            _MODELS[key] = (model, load_tokenizer(cfg.model.name), adapter_arrays(model))
+        return _MODELS[key]
+
+
+def get_lora_model(cfg: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Process-wide LoRA model for this config (every user loads adapter arrays before use)."""
+    model, tokenizer, _ = _cached(cfg)
+    return model, tokenizer
+
+
+def initial_adapter(cfg: RunConfig) -> AdapterArrays:
+    """The keyed initial adapter (lora_B = 0): the same in every process, whatever ran before."""
+    return {k: v.copy() for k, v in _cached(cfg)[2].items()}
+
+
+def clear_lora_models() -> None:
+    with _LOCK:
+        _MODELS.clear()
+
+
+class LoRANode(ClientAlgorithm):
+    """One FedIT round: load the global adapter, local AdamW steps, reply with the new adapter."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def train(self, payload: bytes, node: NodeContext) -> bytes:
+        cfg = self.cfg
+        sync = decode_adapter_sync(payload)
+        model, tokenizer = get_lora_model(cfg)
+        load_adapter_arrays(model, sync.arrays)
+        key = (cfg.run.seed, sync.server_round, node.partition_id)
+        batches = node.data.batches(
+            tokenizer, batch_size=cfg.lora.batch_size, max_length=cfg.model.max_length, key=key
+        )
+        result = train_local(
+            model, batch_for_step=batches, steps=cfg.lora.local_steps, lr=cfg.lora.lr, key=key
+        )
+        return encode_adapter_reply(
+            AdapterReplyPayload(
+                server_round=sync.server_round,
+                num_examples=len(node.data),
+                train_loss=result.train_loss,
+                peak_memory_mb=peak_rss_mb(),
+                arrays=adapter_arrays(model),
+            )
+        )
+
+
+@register_algorithm("lora-fedavg")
+class LoRAFedAvg(Algorithm):
+    """LoRA-FedAvg: peft LoRA adapters trained locally with AdamW and averaged by the server."""
+
+    def server(self, aggregator: Aggregator) -> LoRAFedAvgServer:
+        model, tokenizer = get_lora_model(self.cfg)
+
+        def eval_model(arrays: AdapterArrays) -> EvalModel:
+            load_adapter_arrays(model, arrays)
+            return EvalModel(model.get_base_model(), tokenizer)  # type: ignore[arg-type]
+
+        return LoRAFedAvgServer(
+            initial_adapter(self.cfg),
+            aggregator,
+            max_weight_ratio=self.cfg.aggregator.max_weight_ratio,
+            eval_model=eval_model,
+        )
+
+    def client(self) -> LoRANode:
+        return LoRANode(self.cfg)

@@ -1,0 +1,258 @@
+"""The one run loop: every algorithm, every runtime (in-process grid, Ray simulation, deployment).
+
+Per round: sample clients, let the algorithm build their payloads, exchange them through the
+transport, let the algorithm validate and aggregate, evaluate the new global model, append a
+``metrics.jsonl`` row, and checkpoint atomically. A round that cannot be aggregated is skipped
+with the state untouched; ``federation.max-failed-rounds`` skipped rounds in a row, or too few
+live clients for ``federation.node-wait-s``, end the run cleanly with a summary. A run folder
+holding a checkpoint can be resumed and ends exactly where an unstopped run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtune.aggregators import create_aggregator
+from fedtune.algorithms.base import NodeReply, RoundOutcome, ServerAlgorithm
+from fedtune.algorithms.registry import create_algorithm
+from fedtune.config import RunConfig
+from fedtune.recorder import RunRecorder, new_run_dir
+from fedtune.runlog import MetricValue
+from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.runtime.sampling import ClientSampler
+from fedtune.runtime.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """The server side of a run, built and checked before any client is contacted."""
+
+    cfg: RunConfig
+    server: ServerAlgorithm
+    min_replies: int
+
+
+def build_run(cfg: RunConfig) -> RunSetup:
+    """Algorithm, aggregator and the cross-checks between them and the config (ValueError = config error)."""
+    aggregator = create_aggregator(cfg.aggregator.name, dict(cfg.aggregator.options))
+    fed = cfg.federation
+    if fed.clients_per_round < aggregator.min_clients:
+        raise ValueError(
+            f"aggregator {cfg.aggregator.name!r} needs at least {aggregator.min_clients} updates per round, "
+            f"but federation.clients-per-round = {fed.clients_per_round}; sample more clients or "
+            "change the aggregator's options"
+        )
+    server = create_algorithm(cfg).server(aggregator)
+    return RunSetup(cfg, server, max(fed.min_replies, server.min_updates))
+
+
+class RunLoop:
+    """Drives one run over a :class:`Transport`; :meth:`run` returns the summary."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        transport: Transport,
+        *,
+        run_dir: Path | None = None,
+        resume: bool = False,
+        quiet: bool = False,
+        settle_s: float = 5.0,
+        stop_after: int | None = None,
+    ) -> None:
+        self.setup = build_run(cfg)
+        self.cfg = cfg
+        self.transport = transport
+        self.resume = resume
+        if resume and run_dir is None:
+            raise ValueError("resume needs the run folder to continue")
+        self.run_dir = run_dir if run_dir is not None else new_run_dir(cfg)
+        self.recorder = RunRecorder(self.run_dir, cfg, quiet=quiet, resume=resume)
+        self.sampler = ClientSampler(
+            run_seed=cfg.run.seed,
+            wanted=cfg.federation.clients_per_round,
+            minimum=self.setup.min_replies,
+            wait_s=cfg.federation.node_wait_s,
+            settle_s=settle_s,
+        )
+        self.stop_after = stop_after  # tests: stop (as if killed) after this round's checkpoint
+        self._evaluator: Any = None
+        self.run_key = ""
+        self.failed_streak = 0
+        self.stop_reason = ""
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, MetricValue]:
+        em = self.setup.server.eval_model()
+        if em is None:
+            return {}
+        if self._evaluator is None:
+            from fedtune.eval import HeldoutEvaluator
+            from fedtune.experiment import build_federated_data
+
+            self._evaluator = HeldoutEvaluator.for_run(
+                em.tokenizer, build_federated_data(self.cfg).heldout, self.cfg
+            )
+        self.recorder.note("evaluating on the held-out split")
+        t0 = time.perf_counter()
+        res = self._evaluator(em.model)
+        return {
+            "heldout_loss": res.heldout_loss,
+            "rouge_l": res.rouge_l,
+            "exact_match": res.exact_match,
+            "eval_s": round(time.perf_counter() - t0, 3),
+        }
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def _save(self, server_round: int) -> None:
+        loop: dict[str, int | float | str | bool] = {
+            "run_key": self.run_key,
+            "failed_streak": self.failed_streak,
+            "stop_reason": self.stop_reason,
+        }
+        save_checkpoint(self.run_dir, Checkpoint(server_round, self.setup.server.state_dict(), loop))
+
+    def _restore(self) -> int:
+        ckpt = load_checkpoint(self.run_dir)
+        self.setup.server.load_state_dict(ckpt.server_state)
+        self.run_key = str(ckpt.loop_state.get("run_key", ""))
+        self.failed_streak = int(ckpt.loop_state.get("failed_streak", 0))
+        self.stop_reason = str(ckpt.loop_state.get("stop_reason", ""))
+        self.recorder.restore(up_to_round=ckpt.server_round)
+        return ckpt.server_round
+
+    # -- one round -----------------------------------------------------------------------------
+    def _round(self, server_round: int) -> dict[str, MetricValue] | None:
+        t0 = time.perf_counter()
+        clients = self.sampler.sample(self.transport, server_round)
+        if clients is None:
+            self.stop_reason = (
+                f"round {server_round}: fewer than {self.setup.min_replies} live clients after "
+                f"{self.cfg.federation.node_wait_s:.0f} s (federation.node-wait-s)"
+            )
+            return None
+        payloads = self.setup.server.configure(server_round, clients)
+        self.recorder.note(f"round {server_round}: training on clients {sorted(payloads)}")
+
+        def on_reply(reply: NodeReply, done: int, total: int) -> None:
+            status = "error" if reply.error is not None else "reply"
+            self.recorder.note(
+                f"round {server_round}: {status} from client {reply.node_id} ({done}/{total}, "
+                f"{time.perf_counter() - t0:.1f} s)"
+            )
+
+        exchange = self.transport.exchange(
+            server_round,
+            payloads,
+            run_key=self.run_key,
+            timeout=self.cfg.federation.round_timeout_s,
+            on_reply=on_reply,
+        )
+        outcome = self.setup.server.aggregate(
+            server_round, exchange.replies, min_replies=self.setup.min_replies
+        )
+        row = self._row(
+            outcome, payloads, exchange.replies, exchange.message_bytes_down, exchange.message_bytes_up
+        )
+        row["round_s"] = round(time.perf_counter() - t0, 3)
+        if outcome.applied:
+            self.failed_streak = 0
+            row.update(self._evaluate())
+        else:
+            self.failed_streak += 1
+            log.error("round %d skipped: %s", server_round, outcome.note)
+            if self.failed_streak >= self.cfg.federation.max_failed_rounds:
+                self.stop_reason = (
+                    f"{self.failed_streak} rounds in a row could not be aggregated "
+                    f"(federation.max-failed-rounds); last: {outcome.note}"
+                )
+        return row
+
+    @staticmethod
+    def _row(
+        outcome: RoundOutcome,
+        payloads: dict[int, bytes],
+        replies: list[NodeReply],
+        down: list[int],
+        up: list[int],
+    ) -> dict[str, MetricValue]:
+        ups = [len(r.payload) for r in replies if r.payload is not None]
+
+        def mean(values: list[int]) -> float:
+            return float(np.mean(values)) if values else float("nan")
+
+        row: dict[str, MetricValue] = {
+            "round": outcome.server_round,
+            "applied": outcome.applied,
+            "accepted": len(outcome.accepted),
+            "rejected": len(outcome.rejected),
+            "payload_bytes_down": mean([len(p) for p in payloads.values()]),
+            "payload_bytes_up": mean(ups),
+            "message_bytes_down": mean(down),
+            "message_bytes_up": mean(up),
+        }
+        row.update(outcome.metrics)
+        if outcome.rejected:
+            row["rejections"] = "; ".join(f"{r.node_id}: {r.reason}" for r in outcome.rejected)[:2000]
+        if outcome.note:
+            row["note"] = outcome.note
+        return row
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, MetricValue]:
+        server = self.setup.server
+        fed = self.cfg.federation
+        if self.resume:
+            start = self._restore() + 1
+            self.recorder.note(f"resuming {self.run_dir} at round {start}")
+        else:
+            self.run_key = f"{self.run_dir.name}-{uuid.uuid4().hex[:12]}"
+            self.recorder.note(f"{server.describe()}; run folder {self.run_dir}")
+            self.recorder.record({"round": 0, **self._evaluate()})
+            self._save(0)
+            start = 1
+        stopped = False
+        for server_round in range(start, fed.num_rounds + 1):
+            if self.stop_reason:
+                break
+            row = self._round(server_round)
+            if row is None:
+                break
+            self.recorder.record(row)
+            self._save(server_round)
+            if self.stop_after is not None and server_round >= self.stop_after:
+                stopped = True
+                break
+        if self.stop_reason:
+            log.error("ending the run cleanly: %s", self.stop_reason)
+        extra: dict[str, MetricValue] = {
+            "completed_rounds": sum(1 for r in self.recorder.records if r.get("applied") is True),
+            "stopped_early": bool(self.stop_reason),
+        }
+        if self.stop_reason:
+            extra["stop_reason"] = self.stop_reason
+        if stopped:
+            extra["interrupted"] = True
+        return self.recorder.finish(extra)
+
+
+def run_federation(
+    cfg: RunConfig,
+    transport: Transport,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    settle_s: float = 5.0,
+) -> dict[str, MetricValue]:
+    """Run (or resume) ``cfg`` over ``transport``; returns the run summary."""
+    return RunLoop(cfg, transport, run_dir=run_dir, resume=resume, quiet=quiet, settle_s=settle_s).run()

@@ -1,0 +1,101 @@
+"""The client glue, once for every algorithm and runtime: node config -> own data -> one round.
+
+A node loads only its own examples: a ``data-path`` (a local json/jsonl/csv/parquet task file) or,
+in simulation, its ``partition-id``'s share of the configured task. Any failure becomes a typed
+:class:`ClientErrorPayload`, so the server records it as a rejection and the round goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedtune.algorithms.base import ClientError, NodeContext
+from fedtune.algorithms.registry import create_algorithm
+from fedtune.assets.models import cache_dir
+from fedtune.config import DataSection, RunConfig
+from fedtune.data.node import NodeData
+from fedtune.wire.errors import ClientErrorPayload, ErrorCode
+
+log = logging.getLogger(__name__)
+NodeConfig = Mapping[str, int | float | str | bool]
+_RUN_KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def client_id(node_config: NodeConfig) -> int:
+    """The node's stable id: its ``partition-id`` (ClientError if absent or not an int >= 0)."""
+    pid = node_config.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+        raise ClientError(
+            ErrorCode.BAD_NODE_CONFIG,
+            f"node config partition-id={pid!r}: set an integer >= 0 per node "
+            "(flower-supernode --node-config 'partition-id=0')",
+        )
+    return pid
+
+
+@functools.lru_cache(maxsize=32)
+def _partition(data: DataSection, num_clients: int, seed: int, pid: int) -> NodeData:
+    from fedtune.experiment import build_federated_data_from
+
+    parts = build_federated_data_from(data, num_clients, seed).train_partitions
+    if pid >= len(parts):
+        raise ClientError(
+            ErrorCode.BAD_NODE_CONFIG,
+            f"partition-id={pid} is outside [0, {len(parts)}) (federation.num-clients={num_clients})",
+        )
+    return NodeData(parts[pid], sampling=data.sampling)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_file(path: str, seed: int, sampling: str) -> NodeData:
+    from fedtune.data.tasks import build_task
+
+    if not Path(path).is_file():
+        raise ClientError(ErrorCode.BAD_NODE_CONFIG, f"node config data-path={path!r} is not a file")
+    return NodeData(build_task(path, seed=seed), sampling=sampling)
+
+
+def load_node_data(cfg: RunConfig, node_config: NodeConfig) -> NodeData:
+    """This node's examples, and nothing else."""
+    path = node_config.get("data-path")
+    if path is not None:
+        if not isinstance(path, str) or not path:
+            raise ClientError(
+                ErrorCode.BAD_NODE_CONFIG, f"node config data-path={path!r} must be a path string"
+            )
+        return _local_file(path, cfg.run.seed, cfg.data.sampling)
+    return _partition(cfg.data, cfg.federation.num_clients, cfg.run.seed, client_id(node_config))
+
+
+def state_dir(node_config: NodeConfig, run_key: str, cid: int) -> Path:
+    """``<state-dir or cache>/client-state/<run key>/client-<id>``: survives processes and resumes."""
+    if not _RUN_KEY.match(run_key):
+        raise ClientError(ErrorCode.BAD_PAYLOAD, f"run key {run_key!r} is not a valid folder name")
+    base = node_config.get("state-dir")
+    root = Path(str(base)) if base else cache_dir() / "client-state"
+    return root / run_key / f"client-{cid}"
+
+
+def client_round(
+    cfg: RunConfig, payload: bytes, *, server_round: int, node_id: int, node_config: NodeConfig, run_key: str
+) -> bytes | ClientErrorPayload:
+    """Run one round of the configured algorithm on this node: its reply payload or a typed error."""
+    try:
+        cid = client_id(node_config)
+        node = NodeContext(
+            node_id=node_id,
+            partition_id=cid,
+            data=load_node_data(cfg, node_config),
+            state_dir=state_dir(node_config, run_key, cid),
+        )
+        return create_algorithm(cfg).client().train(payload, node)
+    except ClientError as exc:
+        log.warning("round %d: %s", server_round, exc)
+        return ClientErrorPayload(server_round, exc.code, str(exc), exc.held_version)
+    except Exception as exc:  # any client fault ends this node's round, never the run
+        log.exception("round %d: the client failed", server_round)
+        return ClientErrorPayload(server_round, ErrorCode.CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}")

@@ -40,10 +40,17 @@ def _load_config(path: str | None, pairs: Sequence[str]) -> RunConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config, args.set)
     from fedtune.flower.sim import simulate
 
-    summary = simulate(cfg)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.set:
+            raise ValueError("--resume continues a run with its own config.toml; drop CONFIG and --set")
+        if not (run_dir / "config.toml").is_file():
+            raise ValueError(f"{run_dir} has no config.toml; pass a run folder (runs/<name>/<time>)")
+        summary = simulate(RunConfig.load(run_dir / "config.toml"), resume_dir=run_dir)
+    else:
+        summary = simulate(_load_config(args.config, args.set))
     print(json.dumps(summary))
     return 0
 
@@ -96,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. zo.lr=1e-6"
     )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (same config)"
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("assets", help="prepare and verify the offline model, encoder and datasets")
@@ -110,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_zo_check)
 
-    p = sub.add_parser("export", help="write a run's tuned model as a Hugging Face checkpoint (safetensors)")
-    p.add_argument("run_dir", help="a run folder (holds config.toml and checkpoint/)")
+    p = sub.add_parser(
+        "export", help="write a run's tuned model (Hugging Face checkpoint, or a peft adapter for LoRA)"
+    )
+    p.add_argument("run_dir", help="a run folder (holds config.toml and checkpoint.json)")
     p.add_argument("out_dir", help="where to write the model folder")
     p.set_defaults(func=cmd_export)
     return parser

@@ -89,3 +89,50 @@ def tiny_model_dir(
     tiny_causal_lm(vocab_size=len(smollm_tokenizer), seed=0).save_pretrained(out)
     smollm_tokenizer.save_pretrained(out)
     return out
+
+
+TINY_RUN: dict[str, Any] = {
+    "model.max-length": 48,
+    "data.max-train-examples": 60,
+    "data.heldout-size": 8,
+    "data.eval-generations": 2,
+    "data.max-new-tokens": 2,
+    "fedkseed.num-seeds": 64,
+    "zo.local-steps": 3,
+    "zo.batch-size": 2,
+    "zo.lr": 1e-2,
+    "lora.local-steps": 2,
+    "lora.batch-size": 2,
+    "lora.lr": 1e-2,
+    "federation.num-clients": 3,
+    "federation.clients-per-round": 3,
+    "federation.num-rounds": 2,
+    "federation.node-wait-s": 1.0,
+}
+
+
+@pytest.fixture
+def run_cfg(tiny_model_dir: Path, tmp_path: Path) -> Any:
+    """``run_cfg(**dotted_overrides) -> RunConfig``: a tiny run (random 2-layer Llama, 60 examples,
+    K=64, 3 clients, 2 rounds) writing into this test's tmp_path."""
+    from fedtune.config import RunConfig
+
+    def make(**extra: Any) -> RunConfig:
+        flat = {**TINY_RUN, "model.name": str(tiny_model_dir), "run.output-dir": str(tmp_path / "runs")}
+        flat.update(extra)
+        return RunConfig.from_flat(flat)
+
+    return make
+
+
+@pytest.fixture
+def fresh_models() -> Iterator[None]:
+    """Drop process-cached models before and after, as a new process would start."""
+    from fedtune.fedkseed.replica import clear_replicas
+    from fedtune.lora.algorithm import clear_lora_models
+
+    clear_replicas()
+    clear_lora_models()
+    yield
+    clear_replicas()
+    clear_lora_models()

@@ -143,6 +143,14 @@ class ServerAlgorithm(ABC):
         """One line for the run's first log line."""
         return type(self).__name__
 
+    def export(self, out_dir: Path) -> None:
+        """Write the current global model as users load it (default: a Hugging Face checkpoint)."""
+        em = self.eval_model()
+        if em is None:
+            raise ValueError(f"{type(self).__name__} has no model to export")
+        em.model.save_pretrained(out_dir, safe_serialization=True)
+        em.tokenizer.save_pretrained(out_dir)
+
 
 class ClientAlgorithm(ABC):
     """The client half: one round from the server's payload and the node's own data."""

@@ -7,7 +7,8 @@ Options come from the typed ``[zo]`` and ``[fedkseed]`` sections; payloads are t
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,7 @@ from fedtune.algorithms.base import Algorithm, ClientAlgorithm, ClientError, Eva
 from fedtune.algorithms.registry import register_algorithm
 from fedtune.config import RunConfig
 from fedtune.fedkseed.client import NodeView, StaleSyncError
-from fedtune.fedkseed.replica import get_replica
+from fedtune.fedkseed.replica import build_replica, get_replica
 from fedtune.fedkseed.server import FedKSeedServer, RoundSettings
 from fedtune.wire.codec import decode_sync, encode_reply
 from fedtune.wire.errors import ErrorCode
@@ -70,6 +71,20 @@ class FedKSeedNode(ClientAlgorithm):
         return encode_reply(reply, scalar_dtype=cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
 
 
+class _Server(FedKSeedServer):
+    """The server half with its config: exports a fresh theta_0 + replay(A), not a cached replica."""
+
+    def __init__(self, cfg: RunConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+
+    def export(self, out_dir: Path) -> None:
+        replica = build_replica(self.cfg)
+        replica.client.sync_to(self.accumulator)
+        replica.model.save_pretrained(out_dir, safe_serialization=True)
+        replica.tokenizer.save_pretrained(out_dir)
+
+
 @register_algorithm("fedkseed")
 class FedKSeed(Algorithm):
     """FedKSeed: uniform sampling from a pool of K shared seeds."""
@@ -84,7 +99,8 @@ class FedKSeed(Algorithm):
             replica.client.sync_to(accumulator, server_round=server.completed_round)
             return EvalModel(replica.model, replica.tokenizer)
 
-        server = FedKSeedServer(
+        server = _Server(
+            cfg,
             num_seeds=cfg.fedkseed.num_seeds,
             aggregator=aggregator,
             fingerprint=replica.fingerprint,

@@ -6,6 +6,7 @@ Tuning", ICASSP 2024) as a registered algorithm: options from ``[lora]``, payloa
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
@@ -19,6 +20,28 @@ from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.lora.fedit import AdapterArrays, adapter_arrays, add_lora, load_adapter_arrays, train_local
 from fedtune.lora.server import LoRAFedAvgServer
+
+
+class _LoRAServer(LoRAFedAvgServer):
+    """The server half with its peft model: exports the adapter folder peft loads."""
+
+    def __init__(self, cfg: RunConfig, aggregator: Aggregator) -> None:
+        self.model, self.tokenizer = get_lora_model(cfg)
+        super().__init__(
+            initial_adapter(cfg),
+            aggregator,
+            max_weight_ratio=cfg.aggregator.max_weight_ratio,
+            eval_model=self._eval,
+        )
+
+    def _eval(self, arrays: AdapterArrays) -> EvalModel:
+        load_adapter_arrays(self.model, arrays)
+        return EvalModel(self.model.get_base_model(), self.tokenizer)  # type: ignore[arg-type]
+
+    def export(self, out_dir: Path) -> None:
+        load_adapter_arrays(self.model, self.global_arrays)
+        self.model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+        self.tokenizer.save_pretrained(out_dir)
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 
 _LOCK = threading.Lock()
@@ -85,18 +108,7 @@ class LoRAFedAvg(Algorithm):
     """LoRA-FedAvg: peft LoRA adapters trained locally with AdamW and averaged by the server."""
 
     def server(self, aggregator: Aggregator) -> LoRAFedAvgServer:
-        model, tokenizer = get_lora_model(self.cfg)
-
-        def eval_model(arrays: AdapterArrays) -> EvalModel:
-            load_adapter_arrays(model, arrays)
-            return EvalModel(model.get_base_model(), tokenizer)  # type: ignore[arg-type]
-
-        return LoRAFedAvgServer(
-            initial_adapter(self.cfg),
-            aggregator,
-            max_weight_ratio=self.cfg.aggregator.max_weight_ratio,
-            eval_model=eval_model,
-        )
+        return _LoRAServer(self.cfg, aggregator)
 
     def client(self) -> LoRANode:
         return LoRANode(self.cfg)

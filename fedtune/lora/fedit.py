@@ -119,7 +119,7 @@ def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, npt.NDArray[np.fl
             )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(torch.from_numpy(np.asarray(arrays[name], dtype=np.float32)))
+            p.copy_(torch.from_numpy(np.array(arrays[name], dtype=np.float32, copy=True)))
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,24 @@ from fedtune.runlog import MetricsLog, MetricValue, plot_curves, strict_json_val
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
 
-def new_run_dir(cfg: RunConfig) -> Path:
-    """``output_dir/name/YYYYmmdd-HHMMSS[-n]``: never overwrites an earlier run."""
-    root = Path(cfg.run.output_dir) / cfg.run.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{stamp}-{n}"
-    path.mkdir(parents=True)
+def new_run_dir(cfg: RunConfig, path: Path | None = None) -> Path:
+    """``output_dir/name/YYYYmmdd-HHMMSS[-n]`` (or ``path``), with the resolved ``config.toml``.
+
+    Never overwrites an earlier run: a given ``path`` must not hold one.
+    """
+    if path is not None:
+        if (path / "config.toml").exists():
+            raise ValueError(f"{path} already holds a run; resume it or pick a new folder")
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(cfg.run.output_dir) / cfg.run.name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = root / stamp
+        n = 1
+        while path.exists():
+            n += 1
+            path = root / f"{stamp}-{n}"
+        path.mkdir(parents=True)
     (path / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     return path
 

@@ -106,6 +106,7 @@ def flwr_run(
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     flat = _merged_run_config(run_config, overrides)
+    _check_known_keys(app_dir, flat)
     env = _environment(home)
     flwr = _flwr_executable()
     start = time.monotonic()
@@ -156,6 +157,24 @@ def _merged_run_config(run_config: Path | None, overrides: Mapping[str, Scalar])
                 f"run config {key} must be a bool, int, float or string, got {type(value).__name__}"
             )
     return flat
+
+
+def _check_known_keys(app_dir: Path, flat: Mapping[str, Scalar]) -> None:
+    """Flower refuses a run whose config has a key its pyproject defaults lack ("[code: 15] Invalid
+    run configuration", nothing more); say which key, before starting anything."""
+    known = _app_defaults(app_dir)
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        hint = (
+            " The [aggregator.options] and [algorithm.options] tables are empty in pyproject.toml, so "
+            "Flower's CLI cannot set their keys; use `fedtune simulate` for runs that need them."
+            if any(".options." in k for k in unknown)
+            else ""
+        )
+        raise ValueError(
+            f"flwr run accepts only keys of [tool.flwr.app.config] in {app_dir / 'pyproject.toml'}; "
+            f"not there: {', '.join(unknown)}.{hint}"
+        )
 
 
 def _dotted_toml(flat: Mapping[str, Scalar]) -> str:
@@ -410,19 +429,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key.strip()] = _parse_value(value.strip())
     app_dir = Path(args.app_dir)
     config = Path(args.config) if args.config else None
-    num = args.num_supernodes
-    if num is None:
-        effective = {**_app_defaults(app_dir.resolve()), **_merged_run_config(config, overrides)}
-        num = int(effective.get("federation.num-clients", RunConfig().federation.num_clients))
-    result = flwr_run(
-        app_dir,
-        run_config=config,
-        overrides=overrides,
-        num_supernodes=num,
-        flwr_home=Path(args.flwr_home) if args.flwr_home else None,
-        timeout_s=args.timeout_s,
-        echo=True,
-    )
+    try:
+        num = args.num_supernodes
+        if num is None:
+            effective = {**_app_defaults(app_dir.resolve()), **_merged_run_config(config, overrides)}
+            num = int(effective.get("federation.num-clients", RunConfig().federation.num_clients))
+        result = flwr_run(
+            app_dir,
+            run_config=config,
+            overrides=overrides,
+            num_supernodes=num,
+            flwr_home=Path(args.flwr_home) if args.flwr_home else None,
+            timeout_s=args.timeout_s,
+            echo=True,
+        )
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"ok": False, "status": "not-started", "run-id": None, "error": str(exc)}))
+        return 2
     if not result.ok:
         print(
             f"\nflwr run did not complete: status {result.status} (the ServerApp log is above; the "

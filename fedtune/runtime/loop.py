@@ -73,9 +73,13 @@ class RunLoop:
         self.cfg = cfg
         self.transport = transport
         self.resume = resume
-        if resume and run_dir is None:
-            raise ValueError("resume needs the run folder to continue")
-        self.run_dir = run_dir if run_dir is not None else new_run_dir(cfg)
+        if resume:
+            if run_dir is None:
+                raise ValueError("resume needs the run folder to continue")
+            self._check_same_config(run_dir)
+            self.run_dir = run_dir
+        else:
+            self.run_dir = new_run_dir(cfg, run_dir)
         self.recorder = RunRecorder(self.run_dir, cfg, quiet=quiet, resume=resume)
         self.sampler = ClientSampler(
             run_seed=cfg.run.seed,
@@ -89,6 +93,18 @@ class RunLoop:
         self.run_key = ""
         self.failed_streak = 0
         self.stop_reason = ""
+
+    def _check_same_config(self, run_dir: Path) -> None:
+        saved_path = run_dir / "config.toml"
+        if not saved_path.is_file():
+            raise ValueError(f"{run_dir} has no config.toml; pass a run folder written by fedtune")
+        saved = RunConfig.load(saved_path)
+        if saved != self.cfg:
+            diff = sorted(k for k, v in self.cfg.to_flat().items() if saved.to_flat().get(k) != v)
+            raise ValueError(
+                f"{run_dir} was run with another config (differs in {', '.join(diff)}); "
+                "resume with the run's own config.toml"
+            )
 
     # -- evaluation ----------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, MetricValue]:
@@ -215,7 +231,7 @@ class RunLoop:
             start = self._restore() + 1
             self.recorder.note(f"resuming {self.run_dir} at round {start}")
         else:
-            self.run_key = f"{self.run_dir.name}-{uuid.uuid4().hex[:12]}"
+            self.run_key = uuid.uuid4().hex  # fixed length: message sizes do not depend on it
             self.recorder.note(f"{server.describe()}; run folder {self.run_dir}")
             self.recorder.record({"round": 0, **self._evaluate()})
             self._save(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,26 +44,11 @@ def make_config(flat: Mapping[str, Scalar]) -> RunConfig:
 def run_federated(
     cfg: RunConfig, *, run_dir: Path | None = None, tamper: Tamper | None = None
 ) -> dict[str, Any]:
-    """One FedKSeed / FedKSeed-Pro / LoRA-FedAvg run on an in-process grid; returns its summary.
+    """One run of any algorithm on an in-process grid (fresh client state); returns its summary."""
+    from fedtune.flower.testing import run_local
 
-    Every run gets fresh client state (its own ``state-dir``): LocalGrid always reports run id 1,
-    so the default per-run state folder would be shared between consecutive runs.
-    """
-    from fedtune.flower.apps import build_client_app, run_fedkseed
-    from fedtune.flower.testing import LocalGrid
-
-    n = cfg.federation.num_clients
-    state_dir = tempfile.mkdtemp(prefix="fedtune-bench-state-")
-
-    def node_config(i: int) -> dict[str, int | str]:
-        return {"partition-id": i, "num-partitions": n, "state-dir": state_dir}
-
-    grid = LocalGrid(build_client_app(cfg.to_flat()), n, node_config=node_config, tamper=tamper)
-    if cfg.run.algorithm == "lora-fedavg":
-        from fedtune.flower.lora_apps import run_lora_fedavg
-
-        return run_lora_fedavg(grid, cfg, run_dir=run_dir, quiet=True)
-    return run_fedkseed(grid, cfg, run_dir=run_dir, quiet=True)
+    summary, _ = run_local(cfg, run_dir=run_dir, tamper=tamper)
+    return dict(summary)
 
 
 def run_metrics(summary: Mapping[str, Any]) -> list[dict[str, MetricValue]]:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from fedtune.aggregators import create_aggregator
+from fedtune.algorithms.base import NodeReply
 from fedtune.assets.models import tiny_causal_lm
 from fedtune.data.batch import TokenBatch
 from fedtune.fedkseed.client import FedKSeedClient
 from fedtune.fedkseed.replica import fingerprint_digest
 from fedtune.fedkseed.server import FedKSeedServer, RoundSettings
-from fedtune.flower.records import message_nbytes, payload_content
+from fedtune.flower.records import Envelope, message_nbytes, reply_content, train_content
 from fedtune.wire.codec import ReplyPayload, SparseDelta, encode_reply, encode_sync
 from fedtune.zo import Fingerprint, MeZOStep, ParamSelection, ZOConfig, select_parameters
 
@@ -39,9 +40,10 @@ def flower_message_sizes(down: bytes, up: bytes) -> tuple[int, int]:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    msg = Message(payload_content(down), 1234, MessageType.TRAIN, group_id="1")
+    content = train_content(Envelope(server_round=1, run_key=uuid.uuid4().hex, payload=down))
+    msg = Message(content, 1234, MessageType.TRAIN, group_id="1")
     msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # set by Flower's runtime in real runs
-    reply = Message(payload_content(up), reply_to=msg)
+    reply = Message(reply_content(up), reply_to=msg)
     return message_nbytes(msg), message_nbytes(reply)
 
 
@@ -64,12 +66,17 @@ def main() -> None:
     labels = ids.clone()
     labels[:, :12] = -100  # the "answer" is the last 4 tokens
     batch = TokenBatch(ids, torch.ones_like(ids), labels)
-    server = FedKSeedServer(
-        num_seeds=k, aggregator=create_aggregator("weighted-mean"), fingerprint=fp, sparse_sync=True
-    )
 
     def settings(rnd: int) -> RoundSettings:
         return RoundSettings(server_round=rnd, lr=1e-6, eps=1e-3, num_local_steps=tau, batch_size=2)
+
+    server = FedKSeedServer(
+        num_seeds=k,
+        aggregator=create_aggregator("weighted-mean"),
+        fingerprint=fp,
+        settings=settings,
+        sparse_sync=True,
+    )
 
     def client_round(node: int) -> ReplyPayload:
         sync = server.make_sync(node, settings(1))
@@ -79,17 +86,15 @@ def main() -> None:
         return reply
 
     nodes = list(range(1, clients_per_round + 1))
+    server.configure(1, nodes)
     replies = [client_round(n) for n in nodes]
-    server.aggregate_round(
-        settings(1),
-        [(n, encode_reply(r)) for n, r in zip(nodes, replies, strict=True)],
-        expected_nodes=set(nodes),
-        min_replies=1,
+    server.aggregate(
+        1, [NodeReply(n, payload=encode_reply(r)) for n, r in zip(nodes, replies, strict=True)], min_replies=1
     )
     reply = replies[0]
     up = encode_reply(reply)
     up_compact = encode_reply(reply, scalar_dtype="float16")
-    # Round 2: node 1 synced in round 1, so the compact download is the sparse delta since then;
+    # Round 2: node 1's round-1 reply was accepted, so the compact download is the sparse delta since then;
     # the reference download is the same sync carrying the dense accumulator (K float32).
     sync2 = server.make_sync(1, settings(2))
     if not isinstance(sync2.accumulator, SparseDelta):

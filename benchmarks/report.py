@@ -77,13 +77,11 @@ def run_mezo(cfg: RunConfig) -> tuple[dict[str, float], Curve]:
 
     from datasets import concatenate_datasets
 
+    from fedtune.algorithms.rounds import peak_rss_mb
     from fedtune.assets.models import load_causal_lm, load_tokenizer
-    from fedtune.data.batch import TokenBatch
-    from fedtune.data.collate import encode_examples
-    from fedtune.data.sampler import BatchSampler
+    from fedtune.data.node import NodeData
     from fedtune.eval import HeldoutEvaluator
     from fedtune.experiment import build_federated_data
-    from fedtune.fedkseed.client import peak_rss_mb
     from fedtune.zo import ParamSelection, ZOConfig, train_zo
 
     data = build_federated_data(cfg)
@@ -91,19 +89,13 @@ def run_mezo(cfg: RunConfig) -> tuple[dict[str, float], Curve]:
     model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
     tokenizer = load_tokenizer(cfg.model.name)
     evaluator = HeldoutEvaluator.for_run(tokenizer, data.heldout, cfg)
-    prompts, answers = list(train["prompt"]), list(train["answer"])
-    sampler = BatchSampler(
-        num_examples=len(train),
-        batch_size=min(cfg.zo.batch_size, len(train)),
+    # The same batch stream a client uses (cfg.data.sampling), over the union of the partitions.
+    batch = NodeData(train, sampling=cfg.data.sampling).batches(
+        tokenizer,
+        batch_size=cfg.zo.batch_size,
+        max_length=cfg.model.max_length,
         key=(cfg.run.seed, _MEZO_TAG),
-        labels=list(train["label"]),
     )
-
-    def batch(_step: int) -> TokenBatch:
-        idx = sampler.next_indices()
-        return encode_examples(
-            tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length=cfg.model.max_length
-        )
 
     fed = cfg.federation
     per_round = fed.clients_per_round * cfg.zo.local_steps

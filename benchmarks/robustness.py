@@ -49,16 +49,19 @@ def make_tamper(attack: str, byzantine: set[int], *, num_seeds: int, run_seed: i
         return None
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; pick one of {', '.join(ATTACKS)}")
-    from fedtune.flower.records import payload_content, payload_from
+    from fedtune.flower.records import reply_content, reply_from
     from fedtune.wire.codec import decode_reply, encode_reply
 
     def tamper(node: int, msg: Message) -> Message | None:
         if node not in byzantine or msg.metadata.message_type != "train":
             return msg
-        reply = decode_reply(payload_from(msg), num_seeds=num_seeds)
+        payload = reply_from(msg, node, 0).payload
+        if payload is None:  # an error reply stays one
+            return msg
+        reply = decode_reply(payload, num_seeds=num_seeds)
         key = np.random.SeedSequence([run_seed, _NOISE_TAG, node, reply.server_round])
         grads = attacked(reply.projected_grads, attack, np.random.Generator(np.random.PCG64(key)))
-        msg.content = payload_content(encode_reply(dataclasses.replace(reply, projected_grads=grads)))
+        msg.content = reply_content(encode_reply(dataclasses.replace(reply, projected_grads=grads)))
         return msg
 
     return tamper
@@ -67,9 +70,9 @@ def make_tamper(attack: str, byzantine: set[int], *, num_seeds: int, run_seed: i
 def aggregator_options(name: str, *, f: int, n: int) -> dict[str, int | float]:
     """Config overrides that tell each robust rule how many Byzantine clients to expect."""
     if name in ("krum", "multi-krum"):
-        return {"aggregator.num-byzantine": f}
+        return {"aggregator.options.num-byzantine": f}
     if name == "trimmed-mean":
-        return {"aggregator.trim-fraction": f / n}
+        return {"aggregator.options.trim-fraction": f / n}
     return {}
 
 

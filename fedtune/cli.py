@@ -41,6 +41,7 @@ def _load_config(path: str | None, pairs: Sequence[str]) -> RunConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.flower.sim import simulate
+    from fedtune.runtime.loop import check_config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -48,9 +49,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run with its own config.toml; drop CONFIG and --set")
         if not (run_dir / "config.toml").is_file():
             raise ValueError(f"{run_dir} has no config.toml; pass a run folder (runs/<name>/<time>)")
-        summary = simulate(RunConfig.load(run_dir / "config.toml"), resume_dir=run_dir)
+        if not (run_dir / "checkpoint.json").is_file():
+            raise ValueError(f"{run_dir} has no checkpoint.json: it saved no round, start it anew")
+        cfg = RunConfig.load(run_dir / "config.toml")
+        check_config(cfg)
+        summary = simulate(cfg, resume_dir=run_dir)
     else:
-        summary = simulate(_load_config(args.config, args.set))
+        cfg = _load_config(args.config, args.set)
+        check_config(cfg)  # a bad algorithm, aggregator or option fails here, before Ray starts
+        summary = simulate(cfg)
     print(json.dumps(summary))
     return 0
 

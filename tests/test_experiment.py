@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 
 from fedtune.config import RunConfig
-from fedtune.experiment import _build_cached, build_federated_data
+from fedtune.experiment import build_federated_data, build_federated_data_from
 
 ROWS = 30
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
-    _build_cached.cache_clear()
+    build_federated_data_from.cache_clear()
     yield
-    _build_cached.cache_clear()
+    build_federated_data_from.cache_clear()
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_same_config_same_data_and_cached(task_file: Path) -> None:
     first = build_federated_data(cfg)
     # The cache key is the data section, client count and seed: unrelated keys share the result.
     assert build_federated_data(_cfg(task_file, **{"zo.lr": 1e-5, "run.name": "other"})) is first
-    _build_cached.cache_clear()
+    build_federated_data_from.cache_clear()
     again = build_federated_data(cfg)  # a rebuild (another process) gives the same rows
     assert again is not first
     assert list(again.heldout["prompt"]) == list(first.heldout["prompt"])
@@ -108,6 +108,8 @@ def test_missing_task_file_is_reported(tmp_path: Path) -> None:
         build_federated_data(_cfg(tmp_path / "missing.jsonl"))
 
 
-def test_cache_rejects_a_non_section_key() -> None:
-    with pytest.raises(TypeError, match="DataSection"):
-        _build_cached("reviews", 2, 0)
+def test_the_build_is_cached_per_data_section(task_file: Path) -> None:
+    cfg = _cfg(task_file)
+    assert build_federated_data_from(
+        cfg.data, cfg.federation.num_clients, cfg.run.seed
+    ) is build_federated_data(cfg)

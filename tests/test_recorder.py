@@ -46,6 +46,7 @@ ROUNDS: list[dict[str, MetricValue]] = [
     {"round": 0, "heldout_loss": 3.0, "rouge_l": 10.0, "exact_match": 0.1},
     {
         "round": 1,
+        "applied": True,
         "heldout_loss": 2.5,
         "rouge_l": 12.0,
         "exact_match": 0.2,
@@ -59,6 +60,7 @@ ROUNDS: list[dict[str, MetricValue]] = [
     },
     {
         "round": 2,
+        "applied": True,
         "heldout_loss": 2.0,
         "rouge_l": 15.0,
         "exact_match": 0.3,
@@ -131,11 +133,11 @@ def test_finish_with_partial_traffic_fields_and_one_record(tmp_path: Path) -> No
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     rec = RunRecorder(run_dir, _cfg(tmp_path), quiet=True)
-    rec.record({"round": 0, "heldout_loss": 3.0, "payload_bytes_up": 10})
+    rec.record({"round": 1, "applied": True, "heldout_loss": 3.0, "payload_bytes_up": 10})
     summary = rec.finish()
     # one record: first == last, no plot; traffic keys it never reported are None
     assert summary["initial_heldout_loss"] == summary["final_heldout_loss"] == 3.0
-    assert summary["initial_rouge_l"] is None and summary["rounds"] == 0
+    assert summary["initial_rouge_l"] is None and summary["rounds"] == 1
     assert summary["mean_payload_bytes_up"] == 10.0 and summary["mean_payload_bytes_down"] is None
     assert summary["mean_round_s"] is None and summary["client_peak_mb"] is None
     assert not (run_dir / "curves.png").exists() and (run_dir / "summary.json").is_file()
@@ -175,3 +177,29 @@ def test_quiet_recorder_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFix
     rec.record({"round": 0, "heldout_loss": 2.0})
     rec.finish()
     assert capsys.readouterr().out == ""
+
+
+def test_skipped_rounds_do_not_enter_the_averages(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rec = RunRecorder(run_dir, _cfg(tmp_path), quiet=True)
+    rec.record({"round": 0, "heldout_loss": 3.0})
+    rec.record({"round": 1, "applied": True, "heldout_loss": 2.0, "payload_bytes_up": 10, "round_s": 1.0})
+    rec.record({"round": 2, "applied": False, "payload_bytes_up": 99, "round_s": 50.0})
+    summary = rec.finish()
+    assert summary["final_heldout_loss"] == 2.0 and summary["mean_payload_bytes_up"] == 10.0
+    assert summary["mean_round_s"] == 1.0 and summary["rounds"] == 2
+
+
+def test_resumed_recorder_keeps_rows_up_to_the_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rec = RunRecorder(run_dir, _cfg(tmp_path), quiet=True)
+    for r in range(4):
+        rec.record({"round": r, "applied": True, "heldout_loss": 3.0 - r})
+    with pytest.raises(ValueError, match="resume"):
+        RunRecorder(run_dir, _cfg(tmp_path), quiet=True)  # never appends to another run's metrics
+    again = RunRecorder(run_dir, _cfg(tmp_path), quiet=True, resume=True)
+    again.restore(up_to_round=2)
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["round"] for r in again.records] == [0, 1, 2]

@@ -111,7 +111,8 @@ def check_global(
 ) -> str | None:
     """A reason if the aggregator's result does not match the client arrays (names, shapes, finite)."""
     if set(glob.arrays) != set(shapes):
-        return f"aggregator {type(aggregator).__name__} returned arrays {sorted(glob.arrays)}, expected {sorted(shapes)}"
+        name = type(aggregator).__name__
+        return f"aggregator {name} returned arrays {sorted(glob.arrays)}, expected {sorted(shapes)}"
     for name, shape in shapes.items():
         arr = glob.arrays[name]
         if arr.shape != shape or not np.isfinite(arr).all():

@@ -101,14 +101,14 @@ def flwr_run(
     app_dir = Path(app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise ValueError(f"{app_dir} has no pyproject.toml; pass the Flower app folder (the repo root)")
+    flat = _merged_run_config(run_config, overrides)
+    _check_known_keys(app_dir, flat)
+    flwr = _flwr_executable()
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fedtune-flwr-home-")) if flwr_home is None else Path(flwr_home)
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    flat = _merged_run_config(run_config, overrides)
-    _check_known_keys(app_dir, flat)
     env = _environment(home)
-    flwr = _flwr_executable()
     start = time.monotonic()
     before = _processes_under(home)
     run_id: int | None = None
@@ -124,7 +124,9 @@ def flwr_run(
                 cmd += ["--run-config", str(path)]
             cmd += ["--federation-config", _federation_config(app_dir, flat, num_supernodes)]
             returncode, output = _stream(cmd, env=env, cwd=app_dir, timeout_s=timeout_s, echo=echo)
-        run_id = _run_id(output) or _latest_run_id(flwr, env, app_dir)
+        run_id = _run_id(output)
+        if run_id is None and returncode in (0, None):  # started, but the line was not seen
+            run_id = _latest_run_id(flwr, env, app_dir)
         if run_id is not None:
             status, info = _final_status(flwr, env, app_dir, run_id, running=returncode is None)
             if returncode is None and not status.startswith("finished"):

@@ -20,28 +20,6 @@ from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.lora.fedit import AdapterArrays, adapter_arrays, add_lora, load_adapter_arrays, train_local
 from fedtune.lora.server import LoRAFedAvgServer
-
-
-class _LoRAServer(LoRAFedAvgServer):
-    """The server half with its peft model: exports the adapter folder peft loads."""
-
-    def __init__(self, cfg: RunConfig, aggregator: Aggregator) -> None:
-        self.model, self.tokenizer = get_lora_model(cfg)
-        super().__init__(
-            initial_adapter(cfg),
-            aggregator,
-            max_weight_ratio=cfg.aggregator.max_weight_ratio,
-            eval_model=self._eval,
-        )
-
-    def _eval(self, arrays: AdapterArrays) -> EvalModel:
-        load_adapter_arrays(self.model, arrays)
-        return EvalModel(self.model.get_base_model(), self.tokenizer)  # type: ignore[arg-type]
-
-    def export(self, out_dir: Path) -> None:
-        load_adapter_arrays(self.model, self.global_arrays)
-        self.model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
-        self.tokenizer.save_pretrained(out_dir)
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 
 _LOCK = threading.Lock()
@@ -72,6 +50,28 @@ def initial_adapter(cfg: RunConfig) -> AdapterArrays:
 def clear_lora_models() -> None:
     with _LOCK:
         _MODELS.clear()
+
+
+class _LoRAServer(LoRAFedAvgServer):
+    """The server half with its peft model: exports the adapter folder peft loads."""
+
+    def __init__(self, cfg: RunConfig, aggregator: Aggregator) -> None:
+        self.model, self.tokenizer = get_lora_model(cfg)
+        super().__init__(
+            initial_adapter(cfg),
+            aggregator,
+            max_weight_ratio=cfg.aggregator.max_weight_ratio,
+            eval_model=self._eval,
+        )
+
+    def _eval(self, arrays: AdapterArrays) -> EvalModel:
+        load_adapter_arrays(self.model, arrays)
+        return EvalModel(self.model.get_base_model(), self.tokenizer)  # type: ignore[arg-type]
+
+    def export(self, out_dir: Path) -> None:
+        load_adapter_arrays(self.model, self.global_arrays)
+        self.model.save_pretrained(str(out_dir))  # adapter_config.json + adapter_model.safetensors
+        self.tokenizer.save_pretrained(out_dir)
 
 
 class LoRANode(ClientAlgorithm):

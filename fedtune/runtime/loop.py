@@ -41,18 +41,28 @@ class RunSetup:
     min_replies: int
 
 
+def check_config(cfg: RunConfig) -> None:
+    """The checks :func:`build_run` makes, without loading a model: the CLI runs them before Ray starts."""
+    aggregator = create_aggregator(cfg.aggregator.name, dict(cfg.aggregator.options))
+    _check_sampling(cfg, aggregator.min_clients)
+    create_algorithm(cfg)
+
+
+def _check_sampling(cfg: RunConfig, min_clients: int) -> None:
+    if cfg.federation.clients_per_round < min_clients:
+        raise ValueError(
+            f"aggregator {cfg.aggregator.name!r} needs at least {min_clients} updates per round, "
+            f"but federation.clients-per-round = {cfg.federation.clients_per_round}; sample more clients "
+            "or change the aggregator's options"
+        )
+
+
 def build_run(cfg: RunConfig) -> RunSetup:
     """Algorithm, aggregator and the cross-checks between them and the config (ValueError = config error)."""
     aggregator = create_aggregator(cfg.aggregator.name, dict(cfg.aggregator.options))
-    fed = cfg.federation
-    if fed.clients_per_round < aggregator.min_clients:
-        raise ValueError(
-            f"aggregator {cfg.aggregator.name!r} needs at least {aggregator.min_clients} updates per round, "
-            f"but federation.clients-per-round = {fed.clients_per_round}; sample more clients or "
-            "change the aggregator's options"
-        )
+    _check_sampling(cfg, aggregator.min_clients)
     server = create_algorithm(cfg).server(aggregator)
-    return RunSetup(cfg, server, max(fed.min_replies, server.min_updates))
+    return RunSetup(cfg, server, max(cfg.federation.min_replies, server.min_updates))
 
 
 class RunLoop:

@@ -20,7 +20,9 @@ LRS: dict[int, float] = {}
 
 
 def settings(rnd: int, steps: int = 3) -> RoundSettings:
-    return RoundSettings(server_round=rnd, lr=LRS.get(rnd, 0.1), eps=1e-3, num_local_steps=steps, batch_size=2)
+    return RoundSettings(
+        server_round=rnd, lr=LRS.get(rnd, 0.1), eps=1e-3, num_local_steps=steps, batch_size=2
+    )
 
 
 def make_server(
@@ -91,7 +93,10 @@ def test_accumulator_equals_hand_computed_values_over_two_rounds() -> None:
         ]
         # Execute
         out1 = run_round(server, 1, r1)
-        r2 = [(2, reply(2, [0, 4, 4], [2.0, 1.0, -3.0], n=20)), (3, reply(2, [1, 1, 1], [1.0, 1.0, 1.0], n=30))]
+        r2 = [
+            (2, reply(2, [0, 4, 4], [2.0, 1.0, -3.0], n=20)),
+            (3, reply(2, [1, 1, 1], [1.0, 1.0, 1.0], n=30)),
+        ]
         out2 = run_round(server, 2, r2)
     finally:
         LRS.clear()
@@ -274,7 +279,9 @@ def test_stale_sync_error_resends_from_the_version_the_node_holds() -> None:
     assert isinstance(sync.accumulator, SparseDelta) and sync.accumulator.base_round == 1
     # A node holding nothing is resent A from zero.
     server.configure(4, [1])
-    server.aggregate(4, [NodeReply(1, error=ClientErrorPayload(4, ErrorCode.STALE_SYNC, "empty"))], min_replies=1)
+    server.aggregate(
+        4, [NodeReply(1, error=ClientErrorPayload(4, ErrorCode.STALE_SYNC, "empty"))], min_replies=1
+    )
     assert server.make_sync(1, settings(5)).accumulator.base_round == 0  # type: ignore[union-attr]
 
 

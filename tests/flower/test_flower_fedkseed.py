@@ -45,16 +45,27 @@ def test_two_rounds_three_clients_accumulator_equals_hand_computed(run_cfg: Any)
         decoded = [decode_reply(reply_from(m, 0, rnd).payload or b"", num_seeds=K) for m in msgs]
         total = sum(r.num_examples for r in decoded)
         for r in decoded:
-            np.add.at(expect, r.seed_indices, -cfg.zo.lr * r.projected_grads.astype(np.float64) * r.num_examples / total)
+            np.add.at(
+                expect,
+                r.seed_indices,
+                -cfg.zo.lr * r.projected_grads.astype(np.float64) * r.num_examples / total,
+            )
     state = load_checkpoint(Path(str(summary["run_dir"]))).server_state
     np.testing.assert_allclose(state["accumulator"], expect, rtol=1e-6, atol=1e-12)  # type: ignore[arg-type]
-    assert summary["completed_rounds"] == 2 and len(replies) == 2 and all(len(v) == 3 for v in replies.values())
+    assert (
+        summary["completed_rounds"] == 2 and len(replies) == 2 and all(len(v) == 3 for v in replies.values())
+    )
     # the run folder holds metrics per round, the plot and the resolved config
     lines = rows(summary)
     assert [r["round"] for r in lines] == [0, 1, 2]
-    assert {"heldout_loss", "rouge_l", "payload_bytes_up", "payload_bytes_down", "round_s", "client_peak_mb"} <= set(
-        lines[1]
-    )
+    assert {
+        "heldout_loss",
+        "rouge_l",
+        "payload_bytes_up",
+        "payload_bytes_down",
+        "round_s",
+        "client_peak_mb",
+    } <= set(lines[1])
     assert (Path(str(summary["run_dir"])) / "curves.png").stat().st_size > 1000
     assert RunConfig.load(Path(str(summary["run_dir"])) / "config.toml") == cfg
 
@@ -80,7 +91,10 @@ def test_pro_and_compact_wire_run_and_export_loads(run_cfg: Any, tmp_path: Path)
     syncs = [m for m in grid.delivered if m.metadata.message_type == "train"]
     sizes = [len(m.content.config_records["fedtune"]["payload"]) for m in syncs]  # type: ignore[arg-type]
     assert max(sizes) < K * 4 and sizes[0] < sizes[-1]
-    assert decode_sync(syncs[-1].content.config_records["fedtune"]["payload"]).quantized_probabilities is not None  # type: ignore[arg-type]
+    assert (
+        decode_sync(syncs[-1].content.config_records["fedtune"]["payload"]).quantized_probabilities
+        is not None
+    )  # type: ignore[arg-type]
     out = export_run(Path(str(summary["run_dir"])), tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(out)
     # The export is theta0 + sum_s A_s z_s: the same as a fresh replica synced to the checkpoint.
@@ -90,7 +104,8 @@ def test_pro_and_compact_wire_run_and_export_loads(run_cfg: Any, tmp_path: Path)
     for (name, p), (_, q) in zip(exported.named_parameters(), fresh.model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     assert any(
-        not torch.equal(p, q) for p, q in zip(exported.parameters(), build_replica(cfg).model.parameters(), strict=True)
+        not torch.equal(p, q)
+        for p, q in zip(exported.parameters(), build_replica(cfg).model.parameters(), strict=True)
     )
 
 
@@ -115,7 +130,9 @@ def test_lora_fedavg_trains_reports_bytes_and_exports_a_peft_adapter(run_cfg: An
 
 
 def test_outside_aggregator_runs_from_config_without_editing_fedtune(run_cfg: Any) -> None:
-    spec = RunConfig.load(Path(__file__).resolve().parents[2] / "simulations" / "custom_aggregator.toml").aggregator.name
+    spec = RunConfig.load(
+        Path(__file__).resolve().parents[2] / "simulations" / "custom_aggregator.toml"
+    ).aggregator.name
     cfg: RunConfig = run_cfg(**{"aggregator.name": spec, "federation.num-rounds": 1})
     summary, _ = run_local(cfg)
     assert summary["completed_rounds"] == 1

@@ -176,7 +176,9 @@ def test_a_billion_example_claim_cannot_own_the_weighted_mean(run_cfg: Any) -> N
     weights = np.array([min(c, cap) for c in claims])
     expect = np.zeros_like(acc)
     for w, r in zip(weights, seen, strict=True):
-        np.add.at(expect, r.seed_indices, -cfg.zo.lr * r.projected_grads.astype(np.float64) * w / weights.sum())
+        np.add.at(
+            expect, r.seed_indices, -cfg.zo.lr * r.projected_grads.astype(np.float64) * w / weights.sum()
+        )
     np.testing.assert_allclose(acc, expect, rtol=1e-5, atol=1e-12)
     assert weights[0] / weights.sum() < 0.9  # without the cap it would be 1 - 1e-7
 
@@ -185,6 +187,8 @@ def test_cosine_schedule_runs_to_the_last_round(run_cfg: Any) -> None:
     cfg: RunConfig = run_cfg(**{"zo.lr-schedule": "cosine", "zo.lr-min": 1e-3, "federation.num-rounds": 3})
     summary, _ = run_local(cfg)
     lrs = [r["lr"] for r in rows(summary)[1:]]
-    assert summary["completed_rounds"] == 3 and lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match="zo.lr-min"):
+    assert (
+        summary["completed_rounds"] == 3 and lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+    )
+    with pytest.raises(ValueError, match=r"zo\.lr-min"):
         run_cfg(**{"zo.lr-schedule": "cosine"})

@@ -73,11 +73,11 @@ def test_resume_refuses_another_config_and_a_corrupt_checkpoint(run_cfg: Any, tm
     cfg: RunConfig = run_cfg()
     run_local(cfg, run_dir=tmp_path / "run", stop_after=1)
     other = run_cfg(**{"zo.lr": 5e-3})
-    with pytest.raises(ValueError, match="differs in zo.lr"):
+    with pytest.raises(ValueError, match=r"differs in zo\.lr"):
         run_local(other, run_dir=tmp_path / "run", resume=True)
     arrays = next((tmp_path / "run" / "checkpoints").glob("round-*/arrays.npz"))
     arrays.write_bytes(arrays.read_bytes()[:-7] + b"garbage")
     with pytest.raises(ValueError, match="SHA-256"):
         run_local(cfg, run_dir=tmp_path / "run", resume=True)
-    with pytest.raises(ValueError, match="not a fedtune run folder|no config.toml"):
+    with pytest.raises(ValueError, match=r"no config\.toml"):
         run_local(cfg, run_dir=tmp_path / "nothing", resume=True)

@@ -63,7 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from fedtune.assets.report import format_report, prepare_assets
+    from fedtune.asset_report import format_report, prepare_assets
 
     t0 = time.perf_counter()
     infos = prepare_assets()

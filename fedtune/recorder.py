@@ -81,6 +81,12 @@ class RunRecorder:
             console.print(self._progress_line(rec))
 
     def _progress_line(self, rec: Mapping[str, MetricValue]) -> str:
+        if rec.get("applied") is False:
+            return (
+                f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]  [red]skipped[/red]: "
+                f"{rec.get('note', '')}  ({rec.get('rejected', 0)} rejected)"
+            )
+
         def fmt(key: str, spec: str) -> str:
             v = rec.get(key)
             return format(v, spec) if isinstance(v, int | float) else "-"
@@ -127,5 +133,14 @@ class RunRecorder:
             )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         if not self.quiet:
-            console.print("[bold green]final[/bold green] " + json.dumps(summary))
+            first, last = summary.get("initial_heldout_loss"), summary.get("final_heldout_loss")
+            loss = (
+                f"held-out {first:.4f} -> {last:.4f}, "
+                if isinstance(first, float) and isinstance(last, float)
+                else ""
+            )
+            console.print(
+                f"[bold green]finished[/bold green] {summary.get('completed_rounds', '-')} rounds, {loss}"
+                f"{summary['wall_s']} s; run folder {self.run_dir} (summary.json)"
+            )
         return summary

@@ -167,7 +167,7 @@ def test_progress_line_formats_present_values_and_dashes_missing_ones(
     rec.record({"round": 1, "heldout_loss": 2.0})
     rec.finish()
     out = capsys.readouterr().out
-    assert "round 1/2" in out and "final" in out and "[bold]" not in out  # rich renders the markup
+    assert "round 1/2" in out and "finished" in out and "[bold]" not in out  # rich renders the markup
 
 
 def test_quiet_recorder_prints_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

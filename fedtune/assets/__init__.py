@@ -21,7 +21,6 @@ if TYPE_CHECKING:
         resolve_model_dir,
         tiny_causal_lm,
     )
-    from fedtune.assets.report import AssetInfo, format_report, prepare_assets
 
 _EXPORTS = {
     "ASSET_PACKAGES": "locate",
@@ -38,27 +37,21 @@ _EXPORTS = {
     "load_tokenizer": "models",
     "resolve_model_dir": "models",
     "tiny_causal_lm": "models",
-    "AssetInfo": "report",
-    "format_report": "report",
-    "prepare_assets": "report",
 }
 
 __all__ = [
     "ASSET_PACKAGES",
     "BUILTIN_MODELS",
-    "AssetInfo",
     "AssetMissingError",
     "AssetPackage",
     "BuiltinModel",
     "asset_file",
     "cache_dir",
     "count_parameters",
-    "format_report",
     "load_causal_lm",
     "load_encoder",
     "load_tokenizer",
     "package_dir",
-    "prepare_assets",
     "resolve_model_dir",
     "tiny_causal_lm",
 ]

@@ -40,6 +40,9 @@ def simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     results: list[dict[str, Any]] = []
     fed = cfg.federation
     flwr_log = logging.getLogger("flwr")
+    # Flower's logger has its own console handler; a root handler (set by a library during the run)
+    # would print every Flower line a second time.
+    flwr_log.propagate = False
     drop = _DropDeprecation()
     flwr_log.addFilter(drop)
     for handler in flwr_log.handlers:

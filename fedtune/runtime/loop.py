@@ -103,6 +103,7 @@ class RunLoop:
         self.run_key = ""
         self.failed_streak = 0
         self.stop_reason = ""
+        self._first_round = 1
 
     def _check_same_config(self, run_dir: Path) -> None:
         saved_path = run_dir / "config.toml"
@@ -122,6 +123,7 @@ class RunLoop:
         if em is None:
             return {}
         if self._evaluator is None:
+            self.recorder.note("building the held-out split and evaluator")
             from fedtune.eval import HeldoutEvaluator
             from fedtune.experiment import build_federated_data
 
@@ -159,6 +161,8 @@ class RunLoop:
     # -- one round -----------------------------------------------------------------------------
     def _round(self, server_round: int) -> dict[str, MetricValue] | None:
         t0 = time.perf_counter()
+        if server_round == self._first_round:
+            self.recorder.note("waiting for clients to connect and report their ids")
         clients = self.sampler.sample(self.transport, server_round)
         if clients is None:
             self.stop_reason = (
@@ -239,6 +243,7 @@ class RunLoop:
         fed = self.cfg.federation
         if self.resume:
             start = self._restore() + 1
+            self._first_round = start
             self.recorder.note(f"resuming {self.run_dir} at round {start}")
         else:
             self.run_key = uuid.uuid4().hex  # fixed length: message sizes do not depend on it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedtune.assets.report import AssetInfo, format_report, prepare_assets
+from fedtune.asset_report import AssetInfo, format_report, prepare_assets
 
 
 def test_prepare_assets_covers_every_builtin(smollm_tokenizer: object) -> None:

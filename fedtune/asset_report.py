@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.assets.locate import asset_file, package_dir
-from fedtune.data.sources import load_chatterbot_qa, load_rotten_tomatoes
 from fedtune.assets.models import (
     SMOLLM2_GGUF,
     count_parameters,
@@ -18,6 +17,7 @@ from fedtune.assets.models import (
     load_encoder,
     resolve_model_dir,
 )
+from fedtune.data.sources import load_chatterbot_qa, load_rotten_tomatoes
 
 __all__ = ["AssetInfo", "format_report", "prepare_assets"]
 

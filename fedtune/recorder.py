@@ -82,10 +82,8 @@ class RunRecorder:
 
     def _progress_line(self, rec: Mapping[str, MetricValue]) -> str:
         if rec.get("applied") is False:
-            return (
-                f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]  [red]skipped[/red]: "
-                f"{rec.get('note', '')}  ({rec.get('rejected', 0)} rejected)"
-            )
+            head = f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]"
+            return f"{head}  [red]skipped[/red]: {rec.get('note', '')}  ({rec.get('rejected', 0)} rejected)"
 
         def fmt(key: str, spec: str) -> str:
             v = rec.get(key)

@@ -20,6 +20,7 @@ from fedtune.algorithms.base import NodeReply, ServerAlgorithm
 from fedtune.algorithms.registry import create_algorithm
 from fedtune.config import RunConfig
 from fedtune.runtime.direct import DirectTransport
+from fedtune.runtime.node import NodeConfig
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 
@@ -47,7 +48,9 @@ def _same_state(a: Mapping[str, StateValue], b: Mapping[str, StateValue], what: 
 def _replies(
     cfg: RunConfig, workdir: Path, server_round: int, payloads: Mapping[int, bytes]
 ) -> list[NodeReply]:
-    nodes = [{"partition-id": c, "state-dir": str(workdir / "client-state")} for c in payloads]
+    nodes: list[NodeConfig] = [
+        {"partition-id": c, "state-dir": str(workdir / "client-state")} for c in payloads
+    ]
     transport = DirectTransport(cfg, nodes)
     return transport.exchange(server_round, payloads, run_key="conformance", timeout=60.0).replies
 

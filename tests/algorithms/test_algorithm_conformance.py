@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from fedtune.algorithms import Algorithm, available_algorithms, register_algorithm, resolve_algorithm
+from fedtune.algorithms.registry import ALGORITHMS, create_algorithm
 from fedtune.runtime.conformance import (
     check_one_round_applies,
     check_rejections_leave_state_untouched,
     check_state_round_trip,
 )
-from fedtune.algorithms.registry import ALGORITHMS, create_algorithm
 
 CHECKS = [check_one_round_applies, check_rejections_leave_state_untouched, check_state_round_trip]
 
@@ -56,7 +56,7 @@ def test_an_outside_algorithm_gets_its_options_checked(run_cfg: Any, monkeypatch
         run_cfg(**{"run.algorithm": "tuned-test", "algorithm.options.rounds-per-sync": 3})
     )
     assert isinstance(built, Tuned) and built.rounds_per_sync == 3
-    with pytest.raises(ValueError, match="takes no option 'bogus'.*rounds-per-sync"):
+    with pytest.raises(ValueError, match=r"takes no option 'bogus'.*rounds-per-sync"):
         create_algorithm(run_cfg(**{"run.algorithm": "tuned-test", "algorithm.options.bogus": 1}))
     with pytest.raises(ValueError, match="rounds-per-sync"):
         create_algorithm(run_cfg(**{"run.algorithm": "tuned-test", "algorithm.options.rounds-per-sync": "x"}))

@@ -131,10 +131,10 @@ class RunRecorder:
             )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         if not self.quiet:
-            first, last = summary.get("initial_heldout_loss"), summary.get("final_heldout_loss")
+            start, end = summary.get("initial_heldout_loss"), summary.get("final_heldout_loss")
             loss = (
-                f"held-out {first:.4f} -> {last:.4f}, "
-                if isinstance(first, float) and isinstance(last, float)
+                f"held-out {start:.4f} -> {end:.4f}, "
+                if isinstance(start, float) and isinstance(end, float)
                 else ""
             )
             console.print(

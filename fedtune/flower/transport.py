@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.algorithms.base import NodeReply
 from fedtune.flower.records import Envelope, message_nbytes, reply_from, train_content
-from fedtune.runtime.transport import Exchange, ReplyCallback
+from fedtune.runtime.transport import Exchange, ReplyCallback, RoundRequest
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -65,19 +64,12 @@ class GridTransport:
             self._discover(new)
         return sorted(self.client_of[n] for n in nodes if n in self.client_of)
 
-    def exchange(
-        self,
-        server_round: int,
-        payloads: Mapping[int, bytes],
-        *,
-        run_key: str,
-        timeout: float,
-        on_reply: ReplyCallback | None = None,
-    ) -> Exchange:
+    def exchange(self, request: RoundRequest, on_reply: ReplyCallback | None = None) -> Exchange:
+        server_round, timeout = request.server_round, request.timeout
         node_of = {c: n for n, c in self.client_of.items()}
         messages: list[Message] = []
-        for cid, payload in payloads.items():
-            content = train_content(Envelope(server_round, run_key, payload))
+        for cid, payload in request.payloads.items():
+            content = train_content(Envelope(server_round, request.run_key, payload))
             messages.append(Message(content, node_of[cid], MessageType.TRAIN, group_id=str(server_round)))
         out = Exchange(replies=[], message_bytes_down=[message_nbytes(m) for m in messages[:1]])
         ids = list(self.grid.push_messages(messages))

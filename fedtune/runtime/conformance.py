@@ -21,6 +21,7 @@ from fedtune.algorithms.registry import create_algorithm
 from fedtune.config import RunConfig
 from fedtune.runtime.direct import DirectTransport
 from fedtune.runtime.node import NodeConfig
+from fedtune.runtime.transport import RoundRequest
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 
@@ -52,7 +53,7 @@ def _replies(
         {"partition-id": c, "state-dir": str(workdir / "client-state")} for c in payloads
     ]
     transport = DirectTransport(cfg, nodes)
-    return transport.exchange(server_round, payloads, run_key="conformance", timeout=60.0).replies
+    return transport.exchange(RoundRequest(server_round, payloads, "conformance", 60.0)).replies
 
 
 def check_one_round_applies(cfg: RunConfig, workdir: Path) -> None:

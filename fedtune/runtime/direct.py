@@ -7,12 +7,12 @@ the Flower ClientApp calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from fedtune.algorithms.base import NodeReply
 from fedtune.config import RunConfig
 from fedtune.runtime.node import NodeConfig, client_round
-from fedtune.runtime.transport import Exchange, ReplyCallback
+from fedtune.runtime.transport import Exchange, ReplyCallback, RoundRequest
 
 ReplyHook = Callable[[NodeReply], NodeReply]
 
@@ -30,24 +30,16 @@ class DirectTransport:
     def clients(self) -> list[int]:
         return sorted(self.nodes)
 
-    def exchange(
-        self,
-        server_round: int,
-        payloads: Mapping[int, bytes],
-        *,
-        run_key: str,
-        timeout: float,
-        on_reply: ReplyCallback | None = None,
-    ) -> Exchange:
+    def exchange(self, request: RoundRequest, on_reply: ReplyCallback | None = None) -> Exchange:
         out = Exchange(replies=[])
-        for cid, payload in sorted(payloads.items()):
+        for cid, payload in sorted(request.payloads.items()):
             result = client_round(
                 self.cfg,
                 payload,
-                server_round=server_round,
+                server_round=request.server_round,
                 node_id=cid,
                 node_config=self.nodes[cid],
-                run_key=run_key,
+                run_key=request.run_key,
             )
             reply = (
                 NodeReply(cid, error=result)
@@ -58,5 +50,5 @@ class DirectTransport:
                 reply = self.hook(reply)
             out.replies.append(reply)
             if on_reply is not None:
-                on_reply(reply, len(out.replies), len(payloads))
+                on_reply(reply, len(out.replies), len(request.payloads))
         return out

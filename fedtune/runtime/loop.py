@@ -27,7 +27,7 @@ from fedtune.recorder import RunRecorder, new_run_dir
 from fedtune.runlog import MetricValue
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.sampling import ClientSampler
-from fedtune.runtime.transport import Transport
+from fedtune.runtime.transport import RoundRequest, Transport
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,8 @@ class RunLoop:
                 f"{time.perf_counter() - t0:.1f} s)"
             )
 
-        exchange = self.transport.exchange(
-            server_round,
-            payloads,
-            run_key=self.run_key,
-            timeout=self.cfg.federation.round_timeout_s,
-            on_reply=on_reply,
-        )
+        request = RoundRequest(server_round, payloads, self.run_key, self.cfg.federation.round_timeout_s)
+        exchange = self.transport.exchange(request, on_reply)
         outcome = self.setup.server.aggregate(
             server_round, exchange.replies, min_replies=self.setup.min_replies
         )
@@ -274,16 +269,3 @@ class RunLoop:
         if stopped:
             extra["interrupted"] = True
         return self.recorder.finish(extra)
-
-
-def run_federation(
-    cfg: RunConfig,
-    transport: Transport,
-    *,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    quiet: bool = False,
-    settle_s: float = 5.0,
-) -> dict[str, MetricValue]:
-    """Run (or resume) ``cfg`` over ``transport``; returns the run summary."""
-    return RunLoop(cfg, transport, run_dir=run_dir, resume=resume, quiet=quiet, settle_s=settle_s).run()

@@ -17,6 +17,16 @@ from fedtune.algorithms.base import NodeReply
 ReplyCallback = Callable[[NodeReply, int, int], None]  # (reply, replies so far, expected)
 
 
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round's delivery: a payload per client id, the run key, and how long to wait."""
+
+    server_round: int
+    payloads: Mapping[int, bytes]
+    run_key: str
+    timeout: float
+
+
 @dataclass
 class Exchange:
     """One round's replies (one per addressed client; a missing one is an error reply) and bytes."""
@@ -33,14 +43,6 @@ class Transport(Protocol):
         """Stable ids of the clients that are connected now."""
         ...
 
-    def exchange(
-        self,
-        server_round: int,
-        payloads: Mapping[int, bytes],
-        *,
-        run_key: str,
-        timeout: float,
-        on_reply: ReplyCallback | None = None,
-    ) -> Exchange:
+    def exchange(self, request: RoundRequest, on_reply: ReplyCallback | None = None) -> Exchange:
         """Deliver each payload to its client and collect the replies (at most ``timeout`` s)."""
         ...

@@ -195,6 +195,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-seeds", type=int, default=None, help="K")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
+        "--sampling",
+        choices=("shuffle", "class-balanced"),
+        default="shuffle",
+        help="data.sampling for every method (the 2026-11-29 report used class-balanced)",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="reuse <out>/rows/METHOD.json written earlier with the same settings (resume a long run)",
@@ -226,6 +232,7 @@ def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora.local-steps": steps,
         "lora.batch-size": 2 if q else 8,
         "fedkseed.num-seeds": args.num_seeds or (64 if q else 4096),
+        "data.sampling": args.sampling,
     }
 
 

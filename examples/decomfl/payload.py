@@ -196,7 +196,9 @@ class ReplyPayload:
         _uint("synced_round", self.synced_round, high=self.server_round - 1)
         _uint("num_examples", self.num_examples)
         n = int(getattr(self.scalars, "size", 0))
-        _require(1 <= n <= MAX_SCALARS_PER_ROUND, f"a reply carries 1..{MAX_SCALARS_PER_ROUND} scalars, got {n}")
+        _require(
+            1 <= n <= MAX_SCALARS_PER_ROUND, f"a reply carries 1..{MAX_SCALARS_PER_ROUND} scalars, got {n}"
+        )
         _check_scalars("reply scalars", self.scalars, n)
         _uint("num_skipped", self.num_skipped, high=n)
         _require(math.isfinite(self.train_loss), f"train_loss must be finite, got {self.train_loss!r}")
@@ -207,17 +209,25 @@ class ReplyPayload:
 
 
 def _as_bytes(data: object, what: str) -> bytes:
-    _require(isinstance(data, bytes | bytearray | memoryview), f"a {what} payload is bytes, got {type(data).__name__}")
-    return bytes(data)  # type: ignore[arg-type]
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise PayloadError(f"a {what} payload is bytes, got {type(data).__name__}")
 
 
-def _check_head(magic: bytes, schema: int, expected: bytes, what: str) -> None:
+_PREFIX: Final = struct.Struct("<4sH")
+
+
+def _check_head(raw: bytes, expected: bytes, what: str, header: struct.Struct) -> None:
+    """Magic and schema first (the clearest message for a foreign payload), then the header size."""
+    _require(len(raw) >= _PREFIX.size, f"{what} payload is {len(raw)} bytes, shorter than its header")
+    magic, schema = _PREFIX.unpack_from(raw)
     _require(magic == expected, f"not a DeComFL {what} payload (magic {magic!r}, expected {expected!r})")
     _require(
         schema in SUPPORTED_SCHEMA_VERSIONS,
         f"DeComFL {what} schema version {schema} is not supported (this code reads "
         f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}); run the same examples/decomfl on server and clients",
     )
+    _require(len(raw) >= header.size, f"{what} payload is {len(raw)} bytes, shorter than its header")
 
 
 def encode_sync(p: SyncPayload) -> bytes:
@@ -250,9 +260,8 @@ def encode_sync(p: SyncPayload) -> bytes:
 def decode_sync(data: bytes) -> SyncPayload:
     """Unpack and validate a sync payload (PayloadError on any defect)."""
     raw = _as_bytes(data, "sync")
-    _require(len(raw) >= SYNC_HEADER.size, f"sync payload is {len(raw)} bytes, shorter than its header")
-    (magic, schema, rnd, base, tau, num_p, batch, lr, eps, fp, num_entries) = SYNC_HEADER.unpack_from(raw)
-    _check_head(magic, schema, SYNC_MAGIC, "sync")
+    _check_head(raw, SYNC_MAGIC, "sync", SYNC_HEADER)
+    (_, _, rnd, base, tau, num_p, batch, lr, eps, fp, num_entries) = SYNC_HEADER.unpack_from(raw)
     n = tau * num_p
     _require(1 <= n <= MAX_SCALARS_PER_ROUND, f"sync announces tau * P = {n} scalars per round")
     _require(num_entries < max(rnd, 1), f"sync for round {rnd} announces {num_entries} history entries")
@@ -292,9 +301,8 @@ def encode_reply(p: ReplyPayload) -> bytes:
 def decode_reply(data: bytes) -> ReplyPayload:
     """Unpack and validate a reply payload (PayloadError on any defect)."""
     raw = _as_bytes(data, "reply")
-    _require(len(raw) >= REPLY_HEADER.size, f"reply payload is {len(raw)} bytes, shorter than its header")
-    magic, schema, rnd, synced, num_examples, skipped, n, loss, peak = REPLY_HEADER.unpack_from(raw)
-    _check_head(magic, schema, REPLY_MAGIC, "reply")
+    _check_head(raw, REPLY_MAGIC, "reply", REPLY_HEADER)
+    _, _, rnd, synced, num_examples, skipped, n, loss, peak = REPLY_HEADER.unpack_from(raw)
     _require(1 <= n <= MAX_SCALARS_PER_ROUND, f"reply announces {n} scalars")
     expected = REPLY_HEADER.size + 4 * n
     _require(len(raw) == expected, f"reply payload is {len(raw)} bytes; its header announces {expected}")

@@ -20,15 +20,25 @@ from typing import cast
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .payload import HistoryEntry, PayloadError, check_seeds
 from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.data.batch import TokenBatch
-from fedtune.zo import Fingerprint, MeZOStep, ParamSelection, PerturbationKind, ZOConfig, replay, select_parameters
+from fedtune.zo import (
+    Fingerprint,
+    MeZOStep,
+    ParamSelection,
+    PerturbationKind,
+    ZOConfig,
+    replay,
+    select_parameters,
+)
 from fedtune.zo.directions import CacheMode
 from fedtune.zo.params import SelectionMode
+
+from .payload import HistoryEntry, PayloadError, check_seeds
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +80,9 @@ class SeedCoefficients:
 
     def add_entry(self, entry: HistoryEntry, num_perturbations: int) -> None:
         """Fold one aggregated round in (a round's seeds are distinct, so order within it is moot)."""
-        for seed, value in zip(entry.seeds.tolist(), entry.coefficients(num_perturbations).tolist(), strict=True):
+        for seed, value in zip(
+            entry.seeds.tolist(), entry.coefficients(num_perturbations).tolist(), strict=True
+        ):
             self.add(seed, value)
 
     def minus(self, other: SeedCoefficients) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -120,7 +132,9 @@ class NodeView:
         seeds, values = self.coefficients.arrays()
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, schema=np.int64(VIEW_SCHEMA), version=np.int64(self.version), seeds=seeds, values=values)
+            np.savez(
+                fh, schema=np.int64(VIEW_SCHEMA), version=np.int64(self.version), seeds=seeds, values=values
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -156,16 +170,37 @@ class Replica:
     """A model plus the exact coefficients that separate it from the pretrained weights."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stepper: MeZOStep, fingerprint: str
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        stepper: MeZOStep,
+        fingerprint: str,
+        *,
+        keep_theta0: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.stepper = stepper
         self.fingerprint = fingerprint
         self.coefficients = SeedCoefficients()
+        # A copy of the pretrained tuned weights, for syncs that rebuild instead of moving.
+        self._theta0 = [t.detach().clone() for t in stepper.tuned.tensors] if keep_theta0 else None
 
-    def sync_to(self, target: SeedCoefficients) -> int:
-        """Move the model to ``target`` with one replay of the difference; returns seeds replayed."""
+    def sync_to(self, target: SeedCoefficients, *, rebuild: bool = False) -> int:
+        """Move the model to ``target`` with one replay of the difference; returns seeds replayed.
+
+        Moving is exact in the coefficients, but float32 weights pick up rounding along the path
+        taken. ``rebuild`` restores theta_0 first and replays all of ``target``, so the weights
+        are a function of ``target`` alone (bit-identical to any other rebuild of it); it needs a
+        replica built with ``keep_theta0``.
+        """
+        if rebuild:
+            if self._theta0 is None:
+                raise ValueError("rebuild needs a replica built with keep_theta0=True")
+            with torch.no_grad():
+                for tensor, start in zip(self.stepper.tuned.tensors, self._theta0, strict=True):
+                    tensor.copy_(start)
+            self.coefficients = SeedCoefficients()
         seeds, values = target.minus(self.coefficients)
         if seeds.size:
             replay(self.stepper.tuned, self.stepper.perturbation, (seeds, values))
@@ -207,7 +242,11 @@ class Replica:
             others = [(s, -step_lr * scalars[t * num_p + p]) for p, s in enumerate(step[:-1])]
             others = [(s, c) for s, c in others if c != 0.0]
             if others:
-                replay(self.stepper.tuned, self.stepper.perturbation, ([s for s, _ in others], [c for _, c in others]))
+                replay(
+                    self.stepper.tuned,
+                    self.stepper.perturbation,
+                    ([s for s, _ in others], [c for _, c in others]),
+                )
                 for s, c in others:
                     self.coefficients.add(s, c)
         return LocalRound(
@@ -223,12 +262,13 @@ def fingerprint_digest(fp: Fingerprint) -> str:
     return hashlib.sha256(fp.to_json().encode("utf-8")).hexdigest()
 
 
-def replica_key(cfg: RunConfig) -> tuple[object, ...]:
+def replica_key(cfg: RunConfig, keep_theta0: bool) -> tuple[object, ...]:
     zo = cfg.zo
-    return (cfg.model.name, cfg.model.num_layers, zo.tune, zo.perturbation, zo.eps, zo.cache_z, cfg.run.seed)
+    model = (cfg.model.name, cfg.model.num_layers)
+    return (*model, zo.tune, zo.perturbation, zo.eps, zo.cache_z, cfg.run.seed, keep_theta0)
 
 
-def build_replica(cfg: RunConfig) -> Replica:
+def build_replica(cfg: RunConfig, *, keep_theta0: bool = False) -> Replica:
     """Load the pretrained model (c = 0) with its MeZO stepper; never cached."""
     model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
     tokenizer = load_tokenizer(cfg.model.name)
@@ -237,23 +277,23 @@ def build_replica(cfg: RunConfig) -> Replica:
     zo_cfg = ZOConfig(eps=cfg.zo.eps, kind=kind, cache_z=cast(CacheMode, cfg.zo.cache_z))
     stepper = MeZOStep(model, tuned, zo_cfg, run_seed=cfg.run.seed)
     fingerprint = fingerprint_digest(Fingerprint.of(tuned, kind=kind, run_seed=cfg.run.seed))
-    return Replica(model, tokenizer, stepper, fingerprint)
+    return Replica(model, tokenizer, stepper, fingerprint, keep_theta0=keep_theta0)
 
 
 _LOCK = threading.Lock()
 _REPLICAS: dict[tuple[object, ...], Replica] = {}
 
 
-def get_replica(cfg: RunConfig) -> Replica:
+def get_replica(cfg: RunConfig, *, keep_theta0: bool = False) -> Replica:
     """The process-wide replica for this model configuration (built on first use).
 
     Shared by every virtual client and the server's evaluation in one process: each user syncs
     it to the coefficients it needs first, so switching between them costs a replay, not a load.
     """
-    key = replica_key(cfg)
+    key = replica_key(cfg, keep_theta0)
     with _LOCK:
         if key not in _REPLICAS:
-            _REPLICAS[key] = build_replica(cfg)
+            _REPLICAS[key] = build_replica(cfg, keep_theta0=keep_theta0)
         return _REPLICAS[key]
 
 

@@ -111,7 +111,10 @@ class ServerAlgorithm(ABC):
     """The server half: its state, one payload per sampled node, validate-and-aggregate.
 
     :meth:`aggregate` must check every reply before it changes anything: a rejected reply, a
-    round below ``min_replies`` or an aggregator error leaves the state exactly as it was.
+    round below ``min_replies`` or an aggregator error leaves the global state exactly as it was.
+    One exception, by design: what a node reports about its own sync state (a typed
+    ``STALE_SYNC`` error with ``held_version``) may be recorded even in a skipped round, since it
+    only changes what that node is sent next; otherwise a lone stale node could never recover.
     """
 
     @property

@@ -33,7 +33,7 @@ class GridTransport:
         self.client_of: dict[int, int] = {}  # Flower node id -> client id
         self._asked: set[int] = set()
 
-    def _discover(self, nodes: list[int]) -> None:
+    def _discover(self, nodes: list[int], live: set[int]) -> None:
         queries = [Message(RecordDict({INFO_RECORD: ConfigRecord({})}), n, INFO_QUERY) for n in nodes]
         self._asked.update(nodes)
         for reply in self.grid.send_and_receive(queries, timeout=self.query_timeout):
@@ -46,36 +46,45 @@ class GridTransport:
                     "node %d cannot be sampled (query.info: %s); check its partition-id", node, reason
                 )
                 continue
-            taken = [n for n, c in self.client_of.items() if c == cid]
-            if taken:
+            owners = [n for n, c in self.client_of.items() if c == cid]
+            if any(n in live for n in owners):
                 log.warning(
-                    "node %d claims client id %d, already node %d's; it will not be sampled",
+                    "node %d claims client id %d, already live node %d's; it will not be sampled",
                     node,
                     cid,
-                    taken[0],
+                    owners[0],
                 )
                 continue
+            for gone in owners:  # the same client came back under a new node id (a restarted SuperNode)
+                del self.client_of[gone]
             self.client_of[node] = cid
 
     def clients(self) -> list[int]:
         nodes = sorted(int(n) for n in self.grid.get_node_ids())
         new = [n for n in nodes if n not in self._asked]
         if new:
-            self._discover(new)
+            self._discover(new, set(nodes))
         return sorted(self.client_of[n] for n in nodes if n in self.client_of)
 
     def exchange(self, request: RoundRequest, on_reply: ReplyCallback | None = None) -> Exchange:
         server_round, timeout = request.server_round, request.timeout
         node_of = {c: n for n, c in self.client_of.items()}
         messages: list[Message] = []
+        gone: list[NodeReply] = []
         for cid, payload in request.payloads.items():
+            if cid not in node_of:
+                error = ClientErrorPayload(
+                    server_round, ErrorCode.CLIENT_EXCEPTION, "client is not connected"
+                )
+                gone.append(NodeReply(cid, error=error))
+                continue
             content = train_content(Envelope(server_round, request.run_key, payload))
             messages.append(Message(content, node_of[cid], MessageType.TRAIN, group_id=str(server_round)))
-        out = Exchange(replies=[], message_bytes_down=[message_nbytes(m) for m in messages[:1]])
+        out = Exchange(replies=gone, message_bytes_down=[message_nbytes(m) for m in messages[:1]])
         ids = list(self.grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
         deadline = time.monotonic() + timeout
-        total = len(pending)
+        total = len(request.payloads)
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id

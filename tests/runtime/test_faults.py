@@ -192,3 +192,30 @@ def test_cosine_schedule_runs_to_the_last_round(run_cfg: Any) -> None:
     )
     with pytest.raises(ValueError, match=r"zo\.lr-min"):
         run_cfg(**{"zo.lr-schedule": "cosine"})
+
+
+def test_a_restarted_node_is_sampled_under_its_new_node_id(run_cfg: Any) -> None:
+    from flwr.app import Context
+
+    from fedtune.flower.apps import build_client_app
+    from fedtune.flower.testing import LocalGrid
+    from fedtune.flower.transport import GridTransport
+
+    cfg: RunConfig = run_cfg()
+    grid = LocalGrid(build_client_app(cfg.to_flat()), 3)
+    transport = GridTransport(grid)
+    assert transport.clients() == [0, 1, 2]
+    # Node 1000 (client 0) restarts: Flower gives it a new node id; a duplicate claim is refused.
+    old = grid.contexts.pop(1000)
+    grid.contexts[2000] = Context(
+        run_id=old.run_id,
+        node_id=2000,
+        state=old.state,
+        node_config=old.node_config,
+        run_config=old.run_config,
+    )
+    grid.contexts[3000] = Context(
+        run_id=old.run_id, node_id=3000, state=old.state, node_config={"partition-id": 1}, run_config={}
+    )
+    assert transport.clients() == [0, 1, 2]
+    assert transport.client_of == {2000: 0, 1001: 1, 1002: 2}

@@ -219,3 +219,14 @@ def test_a_restarted_node_is_sampled_under_its_new_node_id(run_cfg: Any) -> None
     )
     assert transport.clients() == [0, 1, 2]
     assert transport.client_of == {2000: 0, 1001: 1, 1002: 2}
+
+
+def test_a_node_that_never_replies_is_a_rejection_after_the_timeout(run_cfg: Any) -> None:
+    cfg: RunConfig = run_cfg(**{"federation.num-rounds": 1, "federation.round-timeout-s": 0.3})
+
+    def lose_node_2(node: int, msg: Message) -> Message | None:
+        return None if node == 1002 and msg.metadata.message_type == "train" else msg
+
+    summary, _ = run_local(cfg, tamper=lose_node_2)
+    row = rows(summary)[1]
+    assert row["applied"] and row["accepted"] == 2 and "no reply within" in row["rejections"]

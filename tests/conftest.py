@@ -112,15 +112,19 @@ TINY_RUN: dict[str, Any] = {
 
 
 @pytest.fixture
-def run_cfg(tiny_model_dir: Path, tmp_path: Path) -> Any:
-    """``run_cfg(**dotted_overrides) -> RunConfig``: a tiny run (random 2-layer Llama, 60 examples,
-    K=64, 3 clients, 2 rounds) writing into this test's tmp_path."""
+def tiny_run_flat(tiny_model_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """The dotted keys of a tiny run (random 2-layer Llama, 60 examples, K=64, 3 clients, 2 rounds)
+    writing into this test's tmp_path."""
+    return {**TINY_RUN, "model.name": str(tiny_model_dir), "run.output-dir": str(tmp_path / "runs")}
+
+
+@pytest.fixture
+def run_cfg(tiny_run_flat: dict[str, Any]) -> Any:
+    """``run_cfg(**dotted_overrides) -> RunConfig`` for the tiny run of :func:`tiny_run_flat`."""
     from fedtune.config import RunConfig
 
     def make(**extra: Any) -> RunConfig:
-        flat = {**TINY_RUN, "model.name": str(tiny_model_dir), "run.output-dir": str(tmp_path / "runs")}
-        flat.update(extra)
-        return RunConfig.from_flat(flat)
+        return RunConfig.from_flat({**tiny_run_flat, **extra})
 
     return make
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.common.config import flatten_dict, parse_config_args, validate_fields_in_config
@@ -36,21 +37,6 @@ def superlinks_for(home: Path) -> list[int]:
         if str(home) in cmdline:
             mine.append(pid)
     return mine
-
-
-def tiny_overrides(model_dir: Path, out: Path) -> dict[str, bool | int | float | str]:
-    return {
-        "model.name": str(model_dir),
-        "model.max-length": 48,
-        "data.max-train-examples": 60,
-        "data.heldout-size": 8,
-        "data.eval-generations": 2,
-        "data.max-new-tokens": 2,
-        "fedkseed.num-seeds": 64,
-        "zo.local-steps": 2,
-        "zo.batch-size": 2,
-        "run.output-dir": str(out),
-    }
 
 
 # -- fast: what Flower's CLI will read ----------------------------------------------------------------
@@ -93,7 +79,7 @@ def test_keys_flower_would_refuse_are_named_before_starting() -> None:
 # -- slow: the real `flwr run .` ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.third_party_rng
-def test_flwr_run_completes_a_tiny_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_flwr_run_completes_a_tiny_run(tiny_run_flat: dict[str, Any], tmp_path: Path) -> None:
     # Prepare: a run-config file with tables per section (like simulations/*.toml) + overrides.
     home, out = tmp_path / "flwr-home", tmp_path / "runs"
     run_config = tmp_path / "tiny.toml"
@@ -106,7 +92,11 @@ def test_flwr_run_completes_a_tiny_run(tiny_model_dir: Path, tmp_path: Path) -> 
     result = flwr_run(
         ROOT,
         run_config=run_config,
-        overrides=tiny_overrides(tiny_model_dir, out),
+        overrides={
+            **{k: v for k, v in tiny_run_flat.items() if not k.startswith("federation.")},  # the file's
+            "zo.local-steps": 2,
+            "run.output-dir": str(out),
+        },
         num_supernodes=NODES,
         flwr_home=home,
         timeout_s=240,
@@ -128,10 +118,12 @@ def test_flwr_run_completes_a_tiny_run(tiny_model_dir: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.third_party_rng
-def test_a_failed_run_is_reported_failed_though_flwr_exits_0(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_failed_run_is_reported_failed_though_flwr_exits_0(
+    tiny_run_flat: dict[str, Any], tmp_path: Path
+) -> None:
     home = tmp_path / "flwr-home"
     overrides = {
-        **tiny_overrides(tiny_model_dir, tmp_path / "runs"),
+        **tiny_run_flat,
         "run.algorithm": "no.such.module:X",
         "federation.num-clients": NODES,
         "federation.clients-per-round": NODES,

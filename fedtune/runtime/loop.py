@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,11 +23,15 @@ from fedtune.aggregators import create_aggregator
 from fedtune.algorithms.base import NodeReply, RoundOutcome, ServerAlgorithm
 from fedtune.algorithms.registry import create_algorithm
 from fedtune.config import RunConfig
+from fedtune.experiment import build_federated_data
 from fedtune.recorder import RunRecorder, new_run_dir
 from fedtune.runlog import MetricValue
 from fedtune.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.runtime.sampling import ClientSampler
 from fedtune.runtime.transport import RoundRequest, Transport
+
+if TYPE_CHECKING:
+    from fedtune.eval import HeldoutEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +83,15 @@ class RunLoop:
         settle_s: float = 5.0,
         stop_after: int | None = None,
     ) -> None:
-        self.setup = build_run(cfg)
         self.cfg = cfg
-        self.transport = transport
-        self.resume = resume
-        if resume:
+        if resume:  # checked before any model loads
             if run_dir is None:
                 raise ValueError("resume needs the run folder to continue")
             self._check_same_config(run_dir)
-            self.run_dir = run_dir
-        else:
-            self.run_dir = new_run_dir(cfg, run_dir)
+        self.setup = build_run(cfg)
+        self.transport = transport
+        self.resume = resume
+        self.run_dir = run_dir if resume and run_dir is not None else new_run_dir(cfg, run_dir)
         self.recorder = RunRecorder(self.run_dir, cfg, quiet=quiet, resume=resume)
         self.sampler = ClientSampler(
             run_seed=cfg.run.seed,
@@ -99,7 +101,7 @@ class RunLoop:
             settle_s=settle_s,
         )
         self.stop_after = stop_after  # tests: stop (as if killed) after this round's checkpoint
-        self._evaluator: Any = None
+        self._evaluator: HeldoutEvaluator | None = None
         self.run_key = ""
         self.failed_streak = 0
         self.stop_reason = ""
@@ -125,7 +127,6 @@ class RunLoop:
         if self._evaluator is None:
             self.recorder.note("building the held-out split and evaluator")
             from fedtune.eval import HeldoutEvaluator
-            from fedtune.experiment import build_federated_data
 
             self._evaluator = HeldoutEvaluator.for_run(
                 em.tokenizer, build_federated_data(self.cfg).heldout, self.cfg
@@ -154,7 +155,8 @@ class RunLoop:
         self.setup.server.load_state_dict(ckpt.server_state)
         self.run_key = str(ckpt.loop_state.get("run_key", ""))
         self.failed_streak = int(ckpt.loop_state.get("failed_streak", 0))
-        self.stop_reason = str(ckpt.loop_state.get("stop_reason", ""))
+        # A resume asks to go on: a run that had ended early (no live nodes, failed rounds) tries again.
+        self.stop_reason = ""
         self.recorder.restore(up_to_round=ckpt.server_round)
         return ckpt.server_round
 

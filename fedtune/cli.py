@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: simulate, assets, zo-check, export."""
+"""The ``fedtune`` command line: simulate, partition, assets, zo-check, export."""
 
 from __future__ import annotations
 
@@ -62,6 +62,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Write each client's partition to its own file, for nodes deployed with ``data-path``."""
+    from fedtune.experiment import build_federated_data
+
+    cfg = _load_config(args.config, args.set)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; pick a new folder for the partition files")
+    out.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(build_federated_data(cfg).train_partitions):
+        path = out / f"client-{i}.jsonl"
+        part.to_json(str(path), lines=True)
+        print(f"partition-id={i}  {len(part)} examples  data-path={json.dumps(str(path))}")
+    return 0
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from fedtune.asset_report import format_report, prepare_assets
 
@@ -114,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (same config)"
     )
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "partition", help="write each client's partition to OUT/client-<i>.jsonl (a node's data-path)"
+    )
+    p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="an empty or new folder")
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("assets", help="prepare and verify the offline model, encoder and datasets")
     p.set_defaults(func=cmd_assets)

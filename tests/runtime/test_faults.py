@@ -230,3 +230,28 @@ def test_a_node_that_never_replies_is_a_rejection_after_the_timeout(run_cfg: Any
     summary, _ = run_local(cfg, tamper=lose_node_2)
     row = rows(summary)[1]
     assert row["applied"] and row["accepted"] == 2 and "no reply within" in row["rejections"]
+
+
+def test_nodes_given_their_own_data_files_train_from_those_files_only(run_cfg: Any, tmp_path: Path) -> None:
+    from fedtune.cli import main
+    from fedtune.experiment import build_federated_data
+    from fedtune.runtime.node import load_node_data
+
+    cfg: RunConfig = run_cfg(**{"federation.num-rounds": 1})
+    out = tmp_path / "parts"
+    flat = [
+        f"{k}={json.dumps(v)}"
+        for k, v in cfg.to_flat().items()
+        if k.startswith(("data.", "federation.", "run.seed"))
+    ]
+    assert main(["partition", "--out", str(out), *(a for kv in flat for a in ("--set", kv))]) == 0
+    parts = build_federated_data(cfg).train_partitions
+    for i, part in enumerate(parts):
+        mine = load_node_data(cfg, {"partition-id": i, "data-path": str(out / f"client-{i}.jsonl")})
+        assert sorted(mine.examples["prompt"]) == sorted(part["prompt"])  # the same rows, its own only
+
+    def node_config(i: int) -> dict[str, int | str]:
+        return {"partition-id": i, "data-path": str(out / f"client-{i}.jsonl")}
+
+    summary, _ = run_local(cfg, node_config=node_config)
+    assert rows(summary)[1]["accepted"] == 3

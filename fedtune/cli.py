@@ -6,34 +6,14 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from fedtune.config import RunConfig
-
-
-def _parse_value(text: str) -> Any:
-    # Values are TOML scalars, as in Flower's --run-config ("zo.lr=1e-6 run.name='x'").
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value (e.g. --set zo.lr=1e-6), got {pair!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+from fedtune.config import RunConfig, parse_overrides
 
 
 def _load_config(path: str | None, pairs: Sequence[str]) -> RunConfig:
-    overrides = _overrides(pairs)
+    overrides = parse_overrides(pairs)
     if path is None:
         return RunConfig.from_flat(overrides)
     return RunConfig.load(path, overrides)

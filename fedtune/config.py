@@ -13,7 +13,7 @@ import dataclasses
 import math
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
@@ -381,9 +381,9 @@ class RunConfig:
             for f in dataclasses.fields(getattr(self, section)):
                 value = getattr(getattr(self, section), f.name)
                 if f.name == "options":
-                    tables += [f"[{section}.options]", *(f"{k} = {_toml_value(v)}" for k, v in value), ""]
+                    tables += [f"[{section}.options]", *(f"{k} = {toml_value(v)}" for k, v in value), ""]
                 else:
-                    lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+                    lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
             lines.append("")
             lines += tables
         return "\n".join(lines)
@@ -431,7 +431,30 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _toml_value(value: Scalar) -> str:
+def parse_override(text: str) -> Scalar:
+    """A ``--set`` value: a TOML scalar (``1e-6``, ``true``, ``'x'``), else the bare string."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError(f"--set values must be TOML scalars, got {text!r}")
+    return value
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Scalar]:
+    """``["zo.lr=1e-6", "run.name='x'"]`` -> dotted overrides (ValueError for a pair without ``=``)."""
+    out: dict[str, Scalar] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value (e.g. --set zo.lr=1e-6), got {pair!r}")
+        out[key.strip()] = parse_override(value.strip())
+    return out
+
+
+def toml_value(value: Scalar) -> str:
+    """``value`` as a TOML scalar that :func:`tomllib.loads` reads back unchanged."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

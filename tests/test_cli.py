@@ -14,8 +14,9 @@ import pytest
 import fedtune.export
 import fedtune.flower.sim
 from fedtune.assets.models import count_parameters, load_causal_lm
-from fedtune.cli import _parse_value, main
+from fedtune.cli import main
 from fedtune.config import RunConfig
+from fedtune.config import parse_override as _parse_value
 from fedtune.zo import ParamSelection, zo_check_report
 
 

@@ -9,7 +9,6 @@ Every reply is validated before anything changes: a rejected reply, a round belo
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
-from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, ReplyAdmission, aggregate_updates, check_global
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook
 from fedtune.wire.errors import ErrorCode
 from fedtune.zo import MAX_SEED_INDEX
 
@@ -33,8 +32,6 @@ from .payload import (
     encode_sync,
 )
 from .replica import SeedCoefficients
-
-log = logging.getLogger(__name__)
 
 DECOMFL_SEED_TAG = 0xDEC0_3F1
 """Domain-separates the server's seed draws from every other use of the run seed."""
@@ -188,65 +185,50 @@ class DeComFLServer(ServerAlgorithm):
         sent = self._sent
         if sent is None or sent.server_round != server_round:  # nothing was sent for this round
             sent = _Sent(server_round, frozenset(), np.zeros(0, np.uint32), self.lr_at(server_round), 0)
-        gate = ReplyAdmission(server_round, expected=set(sent.nodes))
+        book = RoundBook(server_round, expected=set(sent.nodes))
         stale: dict[int, int | None] = {}
-        accepted: list[tuple[int, ReplyPayload]] = []
+        skipped_steps = 0
         for r in replies:
-            first = r.node_id in sent.nodes and r.node_id not in gate.seen
-            payload = gate.admit(r)
+            first = r.node_id in sent.nodes and r.node_id not in book.seen
+            payload = book.admit(r)
             if payload is None:
                 if first and r.error is not None and r.error.code == ErrorCode.STALE_SYNC:
                     stale[r.node_id] = r.error.held_version  # applied only if the round is
                 continue
             result = self.validate_reply(payload, server_round)
             if isinstance(result, str):
-                gate.reject(r.node_id, result)
+                book.reject(r.node_id, result)
                 continue
-            accepted.append((r.node_id, result))
-        accepted.sort(key=lambda a: a[0])
-        ids = tuple(n for n, _ in accepted)
-        num_examples = sum(p.num_examples for _, p in accepted)
+            update = ClientUpdate(r.node_id, result.num_examples, {SCALARS: result.scalars})
+            book.accept(update, train_loss=result.train_loss, peak_memory_mb=result.peak_memory_mb)
+            skipped_steps += result.num_skipped
         metrics: dict[str, int | float] = {
-            "train_loss": (
-                sum(p.train_loss * p.num_examples for _, p in accepted) / num_examples
-                if accepted
-                else float("nan")
-            ),
-            "client_peak_mb": max((p.peak_memory_mb for _, p in accepted), default=float("nan")),
-            "skipped_steps": sum(p.num_skipped for _, p in accepted),
+            **book.metrics(),
+            "skipped_steps": skipped_steps,
             "lr": sent.lr,
             "scalars_per_reply": self.num_scalars,
             "catch_up_rounds": sent.catch_up_rounds,
             "stale_nodes": len(stale),
         }
-
-        def skipped(note: str) -> RoundOutcome:
-            log.warning("round %d: %s; state unchanged", server_round, note)
-            return RoundOutcome(server_round, False, ids, tuple(gate.rejected), metrics, note)
-
-        need = max(min_replies, self.min_updates)
-        if len(accepted) < need:
-            return skipped(f"{len(accepted)} valid replies, fewer than the {need} needed")
-        updates = [ClientUpdate(n, p.num_examples, {SCALARS: p.scalars}) for n, p in accepted]
-        glob = aggregate_updates(
-            self.aggregator, server_round, updates, max_weight_ratio=self.max_weight_ratio
+        glob = book.aggregate(
+            self.aggregator,
+            min_replies=min_replies,
+            shapes={SCALARS: (self.num_scalars,)},
+            max_weight_ratio=self.max_weight_ratio,
         )
         if isinstance(glob, str):
-            return skipped(glob)
-        problem = check_global(glob, {SCALARS: (self.num_scalars,)}, self.aggregator)
-        if problem is not None:
-            return skipped(problem)
+            return book.outcome(metrics, note=glob)
         try:
             entry = HistoryEntry(server_round, sent.lr, sent.seeds.copy(), np.array(glob.arrays[SCALARS]))
         except PayloadError as exc:
-            return skipped(f"aggregated round is unusable: {exc}")
+            return book.outcome(metrics, note=f"aggregated round is unusable: {exc}")
         if not np.isfinite(entry.coefficients(self.num_perturbations)).all():
-            return skipped("aggregated coefficients overflow")
+            return book.outcome(metrics, note="aggregated coefficients overflow")
         # Everything validated: now mutate.
         self.history.append(entry)
         self.global_coefficients.add_entry(entry, self.num_perturbations)
         self.completed_round = server_round
-        for n in ids:  # each accepted node trained from (and saved) version server_round - 1
+        for n in book.node_ids:  # each accepted node trained from (and saved) version server_round - 1
             self.node_versions[n] = server_round - 1
         for n, held in stale.items():  # resend from what the node says it holds, or from theta_0
             if held is not None and 0 < held < server_round:
@@ -254,7 +236,7 @@ class DeComFLServer(ServerAlgorithm):
             else:
                 self.node_versions.pop(n, None)
         metrics["history_rounds"] = len(self.history)
-        return RoundOutcome(server_round, True, ids, tuple(gate.rejected), metrics)
+        return book.outcome(metrics)
 
     def eval_model(self) -> EvalModel | None:
         return None if self._eval_model is None else self._eval_model(self.global_coefficients)

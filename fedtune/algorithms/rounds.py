@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import math
 import resource
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedtune.aggregators.base import Aggregator, ClientUpdate, GlobalUpdate
-from fedtune.algorithms.base import NodeReply, Rejection
+from fedtune.aggregators.base import Aggregator, ClientUpdate, GlobalUpdate, StateValue
+from fedtune.algorithms.base import MetricNumber, NodeReply, Rejection, RoundOutcome
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,73 @@ def check_global(
                 f"(or non-finite values); expected a finite float32 array of shape {shape}"
             )
     return None
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """A reply that passed validation, as the aggregator will see it, plus what it reported."""
+
+    update: ClientUpdate
+    train_loss: float
+    peak_memory_mb: float
+
+
+class RoundBook(ReplyAdmission):
+    """One round's bookkeeping: the admission gate, the accepted updates, and how they become
+    one aggregate or a skipped round. Every server half ends its round the same way through it.
+    """
+
+    def __init__(self, server_round: int, expected: set[int]) -> None:
+        super().__init__(server_round, expected)
+        self.accepted: list[AcceptedUpdate] = []
+
+    def accept(self, update: ClientUpdate, *, train_loss: float, peak_memory_mb: float) -> None:
+        self.accepted.append(AcceptedUpdate(update, train_loss, peak_memory_mb))
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        """Accepted nodes, in canonical (ascending) order."""
+        return tuple(sorted(a.update.node_id for a in self.accepted))
+
+    def metrics(self) -> dict[str, MetricNumber]:
+        """Example-weighted mean train loss and the peak client memory (NaN when nothing was accepted)."""
+        # Canonical order, so the float sum does not depend on the order replies arrived in.
+        accepted = sorted(self.accepted, key=lambda a: a.update.node_id)
+        n = sum(a.update.num_examples for a in accepted)
+        loss = sum(a.train_loss * a.update.num_examples for a in accepted) / n if n else float("nan")
+        peak = max((a.peak_memory_mb for a in accepted), default=float("nan"))
+        return {"train_loss": loss, "client_peak_mb": peak}
+
+    def aggregate(
+        self,
+        aggregator: Aggregator,
+        *,
+        min_replies: int,
+        shapes: dict[str, tuple[int, ...]],
+        max_weight_ratio: float,
+    ) -> GlobalUpdate | str:
+        """The round's aggregate, or why there is none (too few updates, a refusal, a bad result)."""
+        need = max(min_replies, aggregator.min_clients)
+        if len(self.accepted) < need:
+            return f"{len(self.accepted)} valid replies, fewer than the {need} needed"
+        updates = sorted((a.update for a in self.accepted), key=lambda u: u.node_id)
+        glob = aggregate_updates(aggregator, self.server_round, updates, max_weight_ratio=max_weight_ratio)
+        if isinstance(glob, str):
+            return glob
+        problem = check_global(glob, shapes, aggregator)
+        return glob if problem is None else problem
+
+    def outcome(self, metrics: Mapping[str, MetricNumber], note: str = "") -> RoundOutcome:
+        """Applied when there is no ``note`` (the reason a round was skipped)."""
+        return RoundOutcome(self.server_round, not note, self.node_ids, tuple(self.rejected), metrics, note)
+
+
+def with_prefix(prefix: str, state: Mapping[str, StateValue]) -> dict[str, StateValue]:
+    """``state`` under ``prefix.`` keys, to nest a component's state_dict in its owner's."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def under_prefix(prefix: str, state: Mapping[str, StateValue]) -> dict[str, StateValue]:
+    """The inverse of :func:`with_prefix`: the entries under ``prefix.``, without it."""
+    head = f"{prefix}."
+    return {k.removeprefix(head): v for k, v in state.items() if k.startswith(head)}

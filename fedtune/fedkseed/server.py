@@ -12,7 +12,6 @@ and the reason and never touches the state; so is a round the aggregator cannot 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,12 +20,7 @@ import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
-from fedtune.algorithms.rounds import (
-    MAX_NUM_EXAMPLES,
-    ReplyAdmission,
-    aggregate_updates,
-    check_global,
-)
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, under_prefix, with_prefix
 from fedtune.fedkseed.pro import SeedImportance
 from fedtune.wire.codec import (
     PayloadError,
@@ -38,8 +32,6 @@ from fedtune.wire.codec import (
     quantize_probabilities,
 )
 from fedtune.wire.errors import ErrorCode
-
-log = logging.getLogger(__name__)
 
 COEFFICIENTS = "coefficients"
 STATE_VERSION = 2
@@ -63,13 +55,6 @@ def coefficients_from_steps(
     coef = np.zeros(num_seeds, dtype=np.float64)
     np.add.at(coef, np.asarray(seed_indices, dtype=np.int64), -lr * np.asarray(grads, dtype=np.float64))
     return coef
-
-
-@dataclass(frozen=True)
-class _Accepted:
-    node_id: int
-    coefficients: npt.NDArray[np.float32]
-    reply: ReplyPayload
 
 
 class FedKSeedServer(ServerAlgorithm):
@@ -149,7 +134,14 @@ class FedKSeedServer(ServerAlgorithm):
 
     def configure(self, server_round: int, node_ids: Sequence[int]) -> dict[int, bytes]:
         settings = self.settings(server_round)
-        payloads = {n: encode_sync(self.make_sync(n, settings)) for n in node_ids}
+        # A sync depends on the node only through the round it is relative to: build each once.
+        by_base: dict[int, bytes] = {}
+        payloads: dict[int, bytes] = {}
+        for n in node_ids:
+            base = self.node_versions.get(n, 0)
+            if base not in by_base:
+                by_base[base] = encode_sync(self.make_sync(n, settings))
+            payloads[n] = by_base[base]
         self._sent = (server_round, set(payloads))
         return payloads
 
@@ -199,58 +191,40 @@ class FedKSeedServer(ServerAlgorithm):
         """Validate all replies, aggregate the valid ones and update the state atomically."""
         settings = self.settings(server_round)
         sent_round, sent = self._sent
-        gate = ReplyAdmission(server_round, expected=sent if sent_round == server_round else set())
-        accepted: list[_Accepted] = []
+        book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
+        steps: dict[int, ReplyPayload] = {}
         for r in replies:
             self._note_error(r, server_round)
-            payload = gate.admit(r)
+            payload = book.admit(r)
             if payload is None:
                 continue
             result = self.validate_reply(payload, settings)
             if isinstance(result, str):
-                gate.reject(r.node_id, result)
+                book.reject(r.node_id, result)
                 continue
             coef = coefficients_from_steps(
                 result.seed_indices, result.projected_grads, lr=settings.lr, num_seeds=self.num_seeds
             )
             if not np.isfinite(coef).all() or np.abs(coef).max(initial=0.0) > np.finfo(np.float32).max:
-                gate.reject(r.node_id, "coefficients overflow float32")
+                book.reject(r.node_id, "coefficients overflow float32")
                 continue
-            accepted.append(_Accepted(r.node_id, coef.astype(np.float32), result))
-        accepted.sort(key=lambda u: u.node_id)
-        num_examples = sum(u.reply.num_examples for u in accepted)
-        metrics: dict[str, int | float] = {
-            "train_loss": (
-                sum(u.reply.train_loss * u.reply.num_examples for u in accepted) / num_examples
-                if accepted
-                else float("nan")
-            ),
-            "client_peak_mb": max((u.reply.peak_memory_mb for u in accepted), default=float("nan")),
-            "skipped_steps": sum(u.reply.num_skipped_steps for u in accepted),
+            update = ClientUpdate(r.node_id, result.num_examples, {COEFFICIENTS: coef.astype(np.float32)})
+            book.accept(update, train_loss=result.train_loss, peak_memory_mb=result.peak_memory_mb)
+            steps[r.node_id] = result
+        metrics = {
+            **book.metrics(),
+            "skipped_steps": sum(p.num_skipped_steps for p in steps.values()),
             "lr": settings.lr,
             "seeds_touched": 0,
         }
-
-        def skipped(note: str) -> RoundOutcome:
-            log.warning("round %d: %s; state unchanged", server_round, note)
-            return RoundOutcome(
-                server_round, False, tuple(u.node_id for u in accepted), tuple(gate.rejected), metrics, note
-            )
-
-        need = max(min_replies, self.min_updates)
-        if len(accepted) < need:
-            return skipped(f"{len(accepted)} valid replies, fewer than the {need} needed")
-        updates = [
-            ClientUpdate(u.node_id, u.reply.num_examples, {COEFFICIENTS: u.coefficients}) for u in accepted
-        ]
-        glob = aggregate_updates(
-            self.aggregator, server_round, updates, max_weight_ratio=self.max_weight_ratio
+        glob = book.aggregate(
+            self.aggregator,
+            min_replies=min_replies,
+            shapes={COEFFICIENTS: (self.num_seeds,)},
+            max_weight_ratio=self.max_weight_ratio,
         )
         if isinstance(glob, str):
-            return skipped(glob)
-        problem = check_global(glob, {COEFFICIENTS: (self.num_seeds,)}, self.aggregator)
-        if problem is not None:
-            return skipped(problem)
+            return book.outcome(metrics, note=glob)
         delta = np.asarray(glob.arrays[COEFFICIENTS], dtype=np.float64)
         # Everything validated: now mutate.
         self.accumulator += delta
@@ -259,17 +233,13 @@ class FedKSeedServer(ServerAlgorithm):
         self.round_deltas[server_round] = SparseDelta(
             base_round=server_round, indices=idx, values=delta[idx].astype(np.float32)
         )
-        for u in accepted:  # each accepted node holds A as of this round's start
-            self.node_versions[u.node_id] = server_round
-        kept = set(glob.kept) if glob.kept is not None else {u.node_id for u in accepted}
+        for node in steps:  # each accepted node holds A as of this round's start
+            self.node_versions[node] = server_round
         if self.pro:  # seed importance learns only from the updates the aggregator kept
-            for u in accepted:
-                if u.node_id in kept:
-                    self.importance.update(u.reply.seed_indices, u.reply.projected_grads)
+            for node in sorted(steps if glob.kept is None else glob.kept):
+                self.importance.update(steps[node].seed_indices, steps[node].projected_grads)
         metrics["seeds_touched"] = int(idx.size)
-        return RoundOutcome(
-            server_round, True, tuple(u.node_id for u in accepted), tuple(gate.rejected), metrics
-        )
+        return book.outcome(metrics)
 
     def eval_model(self) -> EvalModel | None:
         return None if self._eval_model is None else self._eval_model(self.accumulator)
@@ -292,8 +262,8 @@ class FedKSeedServer(ServerAlgorithm):
         for v, d in self.round_deltas.items():
             state[f"delta.{v}.indices"] = d.indices.copy()
             state[f"delta.{v}.values"] = d.values.copy()
-        state.update({f"pro.{k}": v for k, v in self.importance.state_dict().items()})
-        state.update({f"agg.{k}": v for k, v in self.aggregator.state_dict().items()})
+        state.update(with_prefix("pro", self.importance.state_dict()))
+        state.update(with_prefix("agg", self.aggregator.state_dict()))
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -320,8 +290,8 @@ class FedKSeedServer(ServerAlgorithm):
                 values=np.asarray(state[f"delta.{v}.values"], dtype=np.float32),
             )
         importance = SeedImportance(self.num_seeds, clip=self.importance.clip)
-        importance.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("pro.")})
-        self.aggregator.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("agg.")})
+        importance.load_state_dict(under_prefix("pro", state))
+        self.aggregator.load_state_dict(under_prefix("agg", state))
         nodes = np.asarray(state["node_ids"], dtype=np.int64).tolist()
         rounds = np.asarray(state["node_rounds"], dtype=np.int64).tolist()
         # Everything parsed: now replace.

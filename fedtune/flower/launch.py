@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import RunConfig, Scalar, flatten
+from fedtune.config import RunConfig, Scalar, flatten, parse_overrides, toml_value
 
 COMPLETED = "finished:completed"
 CONNECTION = "local"  # the default ``:local:`` connection a fresh FLWR_HOME/config.toml gets
@@ -184,16 +184,8 @@ def _dotted_toml(flat: Mapping[str, Scalar]) -> str:
     lines = []
     for key, value in flat.items():
         dotted = ".".join(json.dumps(part) for part in key.split("."))
-        lines.append(f"{dotted} = {_toml_scalar(value)}")
+        lines.append(f"{dotted} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
-
-
-def _toml_scalar(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)  # TOML reads Python's float repr (1e-06, 0.5, inf, nan) and int repr as is
 
 
 def _federation_config(app_dir: Path, flat: Mapping[str, Scalar], num_supernodes: int) -> str:
@@ -399,16 +391,6 @@ def _alive(pid: int) -> bool:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def _parse_value(text: str) -> Scalar:
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-    if not isinstance(value, bool | int | float | str):
-        raise ValueError(f"--set values must be TOML scalars, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedtune.flower.launch",
@@ -423,12 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flwr-home", help="Flower home (default: a fresh temporary folder)")
     parser.add_argument("--timeout-s", type=float, default=24 * 3600.0)
     args = parser.parse_args(argv)
-    overrides: dict[str, Scalar] = {}
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            parser.error(f"--set expects key=value, got {pair!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     app_dir = Path(args.app_dir)
     config = Path(args.config) if args.config else None
     try:

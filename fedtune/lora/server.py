@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
-from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, ReplyAdmission, aggregate_updates, check_global
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, under_prefix, with_prefix
 from fedtune.wire.codec import PayloadError
 from fedtune.wire.lora_codec import (
     AdapterReplyPayload,
@@ -81,48 +81,33 @@ class LoRAFedAvgServer(ServerAlgorithm):
 
     def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
         sent_round, sent = self._sent
-        gate = ReplyAdmission(server_round, expected=sent if sent_round == server_round else set())
-        accepted: list[tuple[ClientUpdate, AdapterReplyPayload]] = []
+        book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
         for r in replies:
-            payload = gate.admit(r)
+            payload = book.admit(r)
             if payload is None:
                 continue
             res = self.validate(payload, server_round)
             if isinstance(res, str):
-                gate.reject(r.node_id, res)
+                book.reject(r.node_id, res)
                 continue
             deltas = {k: (res.arrays[k] - ref).astype(np.float32) for k, ref in self.global_arrays.items()}
-            accepted.append((ClientUpdate(r.node_id, res.num_examples, deltas), res))
-        accepted.sort(key=lambda pair: pair[0].node_id)
-        n = sum(rep.num_examples for _, rep in accepted)
-        metrics: dict[str, int | float] = {
-            "train_loss": sum(rep.train_loss * rep.num_examples for _, rep in accepted) / n
-            if n
-            else float("nan"),
-            "client_peak_mb": max((rep.peak_memory_mb for _, rep in accepted), default=float("nan")),
-        }
-        ids = tuple(u.node_id for u, _ in accepted)
-
-        def skipped(note: str) -> RoundOutcome:
-            return RoundOutcome(server_round, False, ids, tuple(gate.rejected), metrics, note)
-
-        need = max(min_replies, self.min_updates)
-        if len(accepted) < need:
-            return skipped(f"{len(accepted)} valid replies, fewer than the {need} needed")
-        glob = aggregate_updates(
-            self.aggregator, server_round, [u for u, _ in accepted], max_weight_ratio=self.max_weight_ratio
+            update = ClientUpdate(r.node_id, res.num_examples, deltas)
+            book.accept(update, train_loss=res.train_loss, peak_memory_mb=res.peak_memory_mb)
+        metrics = book.metrics()
+        glob = book.aggregate(
+            self.aggregator,
+            min_replies=min_replies,
+            shapes={k: v.shape for k, v in self.global_arrays.items()},
+            max_weight_ratio=self.max_weight_ratio,
         )
         if isinstance(glob, str):
-            return skipped(glob)
-        problem = check_global(glob, {k: v.shape for k, v in self.global_arrays.items()}, self.aggregator)
-        if problem is not None:
-            return skipped(problem)
+            return book.outcome(metrics, note=glob)
         self.global_arrays = {
             k: (ref + np.asarray(glob.arrays[k], np.float32)).astype(np.float32)
             for k, ref in self.global_arrays.items()
         }
         self.completed_round = server_round
-        return RoundOutcome(server_round, True, ids, tuple(gate.rejected), metrics)
+        return book.outcome(metrics)
 
     def eval_model(self) -> EvalModel | None:
         return None if self._eval_model is None else self._eval_model(self.global_arrays)
@@ -133,8 +118,8 @@ class LoRAFedAvgServer(ServerAlgorithm):
             "completed_round": self.completed_round,
             "names": "\n".join(self.global_arrays),
         }
-        state.update({f"adapter.{k}": v.copy() for k, v in self.global_arrays.items()})
-        state.update({f"agg.{k}": v for k, v in self.aggregator.state_dict().items()})
+        state.update(with_prefix("adapter", {k: v.copy() for k, v in self.global_arrays.items()}))
+        state.update(with_prefix("agg", self.aggregator.state_dict()))
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -151,6 +136,6 @@ class LoRAFedAvgServer(ServerAlgorithm):
             if arr.shape != ref.shape or not np.isfinite(arr).all():
                 raise ValueError(f"checkpoint adapter {name} has shape {arr.shape} or non-finite values")
             arrays[name] = arr.copy()
-        self.aggregator.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("agg.")})
+        self.aggregator.load_state_dict(under_prefix("agg", state))
         self.global_arrays = arrays
         self.completed_round = int(state["completed_round"])  # type: ignore[arg-type]

@@ -37,15 +37,23 @@ def check_finite_float(name: str, value: object, *, positive: bool = False, floa
     return out
 
 
-def check_fingerprint(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_FINGERPRINT_CHARS:
-        raise ValueError(
-            f"fingerprint must be a str of 1..{MAX_FINGERPRINT_CHARS} characters, got {value!r:.60}; "
-            "pass a hex digest of the model and perturbation settings"
-        )
+def check_ascii_text(what: str, value: object, max_chars: int, *, hint: str, ascii_hint: str) -> str:
+    """A str of 1..``max_chars`` printable ASCII characters (names and digests on the wire)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
+        raise ValueError(f"{what} must be a str of 1..{max_chars} characters, got {value!r:.60}; {hint}")
     if not (value.isascii() and value.isprintable()):
-        raise ValueError(f"fingerprint {value!r:.60} must be printable ASCII; use a hex digest")
+        raise ValueError(f"{what} {value!r:.60} must be printable ASCII; {ascii_hint}")
     return value
+
+
+def check_fingerprint(value: object) -> str:
+    return check_ascii_text(
+        "fingerprint",
+        value,
+        MAX_FINGERPRINT_CHARS,
+        hint="pass a hex digest of the model and perturbation settings",
+        ascii_hint="use a hex digest",
+    )
 
 
 def readonly(arr: npt.NDArray[np.generic]) -> None:

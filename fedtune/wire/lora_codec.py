@@ -25,6 +25,7 @@ from fedtune._proto.v1 import lora_pb2 as pb
 from fedtune.wire._validate import (
     UINT64_MAX,
     FloatArray,
+    check_ascii_text,
     check_finite_float,
     check_uint,
     readonly,
@@ -42,14 +43,8 @@ _WIRE_DTYPE: Final = np.dtype("<f4")
 
 # ----------------------------------------------------------------------------- validation
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_ARRAY_NAME_CHARS:
-        raise ValueError(
-            f"array name must be a str of 1..{MAX_ARRAY_NAME_CHARS} characters, got {name!r:.60}; "
-            "use the adapter's state_dict key"
-        )
-    if not (name.isascii() and name.isprintable()):
-        raise ValueError(f"array name {name!r:.60} must be printable ASCII; use the adapter's state_dict key")
-    return name
+    hint = "use the adapter's state_dict key"
+    return check_ascii_text("array name", name, MAX_ARRAY_NAME_CHARS, hint=hint, ascii_hint=hint)
 
 
 def _check_array(name: str, value: object) -> FloatArray:

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedtune.config import RunConfig
-from fedtune.runlog import MetricsLog, MetricValue, plot_curves, strict_json_values
+from fedtune.runlog import MetricsLog, MetricValue, atomic_write_text, plot_curves, strict_json_values
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 
@@ -129,7 +129,7 @@ class RunRecorder:
                 self.run_dir / "curves.png",
                 title=f"{self.cfg.run.algorithm}: {self.cfg.run.name}",
             )
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         if not self.quiet:
             start, end = summary.get("initial_heldout_loss"), summary.get("final_heldout_loss")
             loss = (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,12 +36,24 @@ class MetricsLog:
 
     def rewrite(self, records: Sequence[Mapping[str, MetricValue]]) -> None:
         """Replace the file's rows atomically (a resumed run keeps only the rows it continues from)."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(
-            "".join(json.dumps(strict_json_values(r), sort_keys=True) + "\n" for r in records),
-            encoding="utf-8",
+        atomic_write_text(
+            self.path, "".join(json.dumps(strict_json_values(r), sort_keys=True) + "\n" for r in records)
         )
-        tmp.replace(self.path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``: a reader (or a crash) sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, MetricValue]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.aggregators.base import StateValue
+from fedtune.runlog import atomic_write_text
 
 FORMAT = "fedtune-checkpoint"
 FORMAT_VERSION = 1
@@ -35,19 +36,6 @@ class Checkpoint:
     server_round: int
     server_state: Mapping[str, StateValue]
     loop_state: Mapping[str, int | float | str | bool]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +71,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write(
+    atomic_write_text(
         run_dir / MANIFEST, json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "current": name})
     )
     for old in root.iterdir():

@@ -94,7 +94,8 @@ class ModelSection:
 class DataSection:
     """``[data]``: task, split and partitioning.
 
-    task: ``reviews`` (Rotten Tomatoes as review -> positive/negative), ``qa`` (chatterbot Q/A),
+    task: ``reviews`` (Rotten Tomatoes as review -> positive/negative), ``reviews-text`` (the same
+    with the bare review as the prompt, for classifiers), ``qa`` (chatterbot Q/A),
     ``reviews+qa``, or a local json/jsonl/csv/parquet file. partition: iid, dirichlet (over labels,
     concentration ``alpha``) or group (by movie/category). max_train_examples caps the training pool
     (0 = no cap). heldout_size: server-side held-out examples for answer loss. eval_generations:

@@ -89,10 +89,15 @@ class RunRecorder:
             v = rec.get(key)
             return format(v, spec) if isinstance(v, int | float) else "-"
 
+        # A classifier has an accuracy and no generations to score.
+        quality = (
+            f"accuracy {fmt('heldout_accuracy', '.3f')}  "
+            if "heldout_accuracy" in rec
+            else f"Rouge-L {fmt('rouge_l', '.2f')}  EM {fmt('exact_match', '.3f')}  "
+        )
         return (
             f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]  "
-            f"train {fmt('train_loss', '.4f')}  held-out {fmt('heldout_loss', '.4f')}  "
-            f"Rouge-L {fmt('rouge_l', '.2f')}  EM {fmt('exact_match', '.3f')}  "
+            f"train {fmt('train_loss', '.4f')}  held-out {fmt('heldout_loss', '.4f')}  {quality}"
             f"up {fmt('payload_bytes_up', ',.0f')} B  down {fmt('payload_bytes_down', ',.0f')} B  "
             f"{fmt('round_s', '.1f')} s"
         )
@@ -108,7 +113,9 @@ class RunRecorder:
         }
         if evaluated:
             first, last = evaluated[0], evaluated[-1]
-            for key in ("heldout_loss", "rouge_l", "exact_match"):
+            keys = ["heldout_loss", "rouge_l", "exact_match"]
+            keys += ["heldout_accuracy"] if "heldout_accuracy" in last else []
+            for key in keys:
                 summary[f"initial_{key}"] = first.get(key)
                 summary[f"final_{key}"] = last.get(key)
         # Averages are over rounds that trained; a skipped round moved no model.

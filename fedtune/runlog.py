@@ -83,6 +83,7 @@ def plot_curves(
     panels: Sequence[tuple[str, str]] = (
         ("heldout_loss", "held-out answer loss"),
         ("rouge_l", "Rouge-L (%)"),
+        ("heldout_accuracy", "held-out accuracy"),
         ("train_loss", "train loss (clients)"),
     ),
     title: str = "",

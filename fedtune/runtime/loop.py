@@ -123,7 +123,9 @@ class RunLoop:
     def _evaluate(self) -> dict[str, MetricValue]:
         em = self.setup.server.eval_model()
         if em is None:
-            return {}
+            heldout = build_federated_data(self.cfg).heldout
+            self.recorder.note("evaluating on the held-out split")
+            return dict(self.setup.server.evaluate(heldout))
         if self._evaluator is None:
             self.recorder.note("building the held-out split and evaluator")
             from fedtune.eval import HeldoutEvaluator
@@ -249,17 +251,20 @@ class RunLoop:
             self._save(0)
             start = 1
         stopped = False
-        for server_round in range(start, fed.num_rounds + 1):
-            if self.stop_reason:
-                break
-            row = self._round(server_round)
-            if row is None:
-                break
-            self.recorder.record(row)
-            self._save(server_round)
-            if self.stop_after is not None and server_round >= self.stop_after:
-                stopped = True
-                break
+        try:
+            for server_round in range(start, fed.num_rounds + 1):
+                if self.stop_reason:
+                    break
+                row = self._round(server_round)
+                if row is None:
+                    break
+                self.recorder.record(row)
+                self._save(server_round)
+                if self.stop_after is not None and server_round >= self.stop_after:
+                    stopped = True
+                    break
+        finally:
+            server.close()
         if self.stop_reason:
             log.error("ending the run cleanly: %s", self.stop_reason)
         extra: dict[str, MetricValue] = {

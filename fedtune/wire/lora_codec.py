@@ -75,7 +75,7 @@ def _check_array(name: str, value: object) -> FloatArray:
     return out
 
 
-def _check_arrays(value: object) -> ArrayMap:
+def check_arrays(value: object) -> ArrayMap:
     if not isinstance(value, Mapping):
         raise ValueError(
             f"arrays must be a mapping of name -> float32 array, got {type(value).__name__}; "
@@ -116,7 +116,7 @@ class AdapterSyncPayload:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "server_round", check_uint("server_round", self.server_round))
-        object.__setattr__(self, "arrays", _check_arrays(self.arrays))
+        object.__setattr__(self, "arrays", check_arrays(self.arrays))
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -151,7 +151,7 @@ class AdapterReplyPayload:
         if mem < 0.0:
             raise ValueError(f"peak_memory_mb={mem} must be >= 0")
         set_(self, "peak_memory_mb", mem)
-        set_(self, "arrays", _check_arrays(self.arrays))
+        set_(self, "arrays", check_arrays(self.arrays))
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -169,14 +169,14 @@ class AdapterReplyPayload:
 
 
 # ----------------------------------------------------------------------------- packing
-def _pack_arrays(arrays: ArrayMap) -> list[pb.NamedArray]:
+def pack_arrays(arrays: ArrayMap) -> list[pb.NamedArray]:
     return [
         pb.NamedArray(name=name, shape=arr.shape, data=arr.astype(_WIRE_DTYPE, copy=False).tobytes())
         for name, arr in arrays.items()
     ]
 
 
-def _unpack_arrays(items: Iterable[pb.NamedArray], what: str) -> dict[str, FloatArray]:
+def unpack_arrays(items: Iterable[pb.NamedArray], what: str) -> dict[str, FloatArray]:
     """Check names, shapes and lengths before touching the data, so a lying shape allocates nothing."""
     out: dict[str, FloatArray] = {}
     for i, item in enumerate(items):
@@ -217,14 +217,14 @@ def encode_adapter_sync(p: AdapterSyncPayload) -> bytes:
     if not isinstance(p, AdapterSyncPayload):
         raise TypeError(f"encode_adapter_sync expects an AdapterSyncPayload, got {type(p).__name__}")
     return pb.AdapterSync(
-        schema_version=LORA_SCHEMA_VERSION, server_round=p.server_round, arrays=_pack_arrays(p.arrays)
+        schema_version=LORA_SCHEMA_VERSION, server_round=p.server_round, arrays=pack_arrays(p.arrays)
     ).SerializeToString()
 
 
 def decode_adapter_sync(b: bytes) -> AdapterSyncPayload:
     """Parse and validate untrusted ``AdapterSync`` bytes; raises :class:`PayloadError` on any defect."""
     msg = _parse(b, pb.AdapterSync(), supported=LORA_SUPPORTED_SCHEMA_VERSIONS)
-    arrays = _unpack_arrays(msg.arrays, "AdapterSync")
+    arrays = unpack_arrays(msg.arrays, "AdapterSync")
     try:
         return AdapterSyncPayload(server_round=msg.server_round, arrays=arrays)
     except ValueError as exc:
@@ -242,14 +242,14 @@ def encode_adapter_reply(p: AdapterReplyPayload) -> bytes:
         num_examples=p.num_examples,
         train_loss=p.train_loss,
         peak_memory_mb=p.peak_memory_mb,
-        arrays=_pack_arrays(p.arrays),
+        arrays=pack_arrays(p.arrays),
     ).SerializeToString()
 
 
 def decode_adapter_reply(b: bytes) -> AdapterReplyPayload:
     """Parse and validate untrusted ``AdapterReply`` bytes; raises :class:`PayloadError` on any defect."""
     msg = _parse(b, pb.AdapterReply(), supported=LORA_SUPPORTED_SCHEMA_VERSIONS)
-    arrays = _unpack_arrays(msg.arrays, "AdapterReply")
+    arrays = unpack_arrays(msg.arrays, "AdapterReply")
     try:
         return AdapterReplyPayload(
             server_round=msg.server_round,

@@ -88,3 +88,13 @@ def test_load_source_by_name() -> None:
     assert load_source("rotten-tomatoes").column_names == ["text", "label", "movie"]
     with pytest.raises(ValueError, match="rotten-tomatoes"):
         load_source("imdb")
+
+
+def test_load_hamlet_is_the_play() -> None:
+    from fedtune.data.sources import load_hamlet
+
+    text = load_hamlet()
+    assert isinstance(text, str)
+    assert len(text) > 100_000
+    assert "Hamlet" in text
+    assert "To be, or not to be" in text

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64tune/_proto/v1/split.proto\x12\nfedtune.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"{\n\x0bStepRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\'\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\"\n\x06labels\x18\x04 \x01(\x0b\x32\x12.fedtune.v1.Tensor\"I\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12 \n\x04grad\x18\x02 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x32\x87\x01\n\x0bSplitServer\x12\x36\n\x04Step\x12\x17.fedtune.v1.StepRequest\x1a\x15.fedtune.v1.StepReply\x12@\n\nStepStream\x12\x17.fedtune.v1.StepRequest\x1a\x15.fedtune.v1.StepReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64tune/_proto/v1/split.proto\x12\nfedtune.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xf6\x01\n\x0bStepRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\'\n\x0b\x61\x63tivations\x18\x03 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\"\n\x06labels\x18\x04 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\"\n\x04kind\x18\x06 \x01(\x0e\x32\x14.fedtune.v1.StepKind\x12)\n\rupstream_grad\x18\x07 \x01(\x0b\x32\x12.fedtune.v1.Tensor\"\xb1\x01\n\tStepReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12 \n\x04grad\x18\x02 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\'\n\x0bpredictions\x18\x04 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12(\n\x0ctrunk_output\x18\x05 \x01(\x0b\x32\x12.fedtune.v1.Tensor\x12\x13\n\x0btrunk_steps\x18\x06 \x01(\x04*i\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTEP_KIND_TRAIN\x10\x01\x12\x16\n\x12STEP_KIND_BACKWARD\x10\x02\x12\x15\n\x11STEP_KIND_PREDICT\x10\x03\x32\x87\x01\n\x0bSplitServer\x12\x36\n\x04Step\x12\x17.fedtune.v1.StepRequest\x1a\x15.fedtune.v1.StepReply\x12@\n\nStepStream\x12\x17.fedtune.v1.StepRequest\x1a\x15.fedtune.v1.StepReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune._proto.v1.split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STEPKIND']._serialized_start=528
+  _globals['_STEPKIND']._serialized_end=633
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=97
-  _globals['_STEPREQUEST']._serialized_start=99
-  _globals['_STEPREQUEST']._serialized_end=222
-  _globals['_STEPREPLY']._serialized_start=224
-  _globals['_STEPREPLY']._serialized_end=297
-  _globals['_SPLITSERVER']._serialized_start=300
-  _globals['_SPLITSERVER']._serialized_end=435
+  _globals['_STEPREQUEST']._serialized_start=100
+  _globals['_STEPREQUEST']._serialized_end=346
+  _globals['_STEPREPLY']._serialized_start=349
+  _globals['_STEPREPLY']._serialized_end=526
+  _globals['_SPLITSERVER']._serialized_start=636
+  _globals['_SPLITSERVER']._serialized_end=771
 # @@protoc_insertion_point(module_scope)

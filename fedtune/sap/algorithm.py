@@ -1,0 +1,82 @@
+"""Split-and-privatize LoRA (SAP; Shen et al., "A Split-and-Privatize Framework for Large Language
+Model Fine-Tuning", arXiv:2312.15603) as a registered algorithm: ``run.algorithm = "sap"``, its
+options in ``[algorithm.options]`` (see :class:`~fedtune.sap.options.SAPOptions`).
+"""
+
+from __future__ import annotations
+
+from fedtune.aggregators.base import Aggregator
+from fedtune.algorithms.base import Algorithm
+from fedtune.algorithms.registry import register_algorithm
+from fedtune.config import RunConfig
+from fedtune.sap.client import SAPNode
+from fedtune.sap.options import SAPOptions
+from fedtune.sap.server import SAPServer
+
+
+@register_algorithm("sap")
+class SplitAndPrivatize(Algorithm):
+    """Clients run the frozen bottom and privatize; the server trains the trunk's LoRA over gRPC."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        task: str = "classification",
+        depth: int = 0,
+        variant: str = "embedding",
+        u_shaped: bool = False,
+        privatize: bool = True,
+        eta: float = 100.0,
+        cti: bool = False,
+        cti_floor: float = 0.6,
+        adapters: str = "shared",
+        local_steps: int = 10,
+        batch_size: int = 16,
+        lr: float = 5e-4,
+        lora_rank: int = 8,
+        lora_alpha: int = 16,
+        lora_targets: str = "",
+        classes: str = "",
+        wire_dtype: str = "float32",
+        split_host: str = "127.0.0.1",
+        split_port: int = 0,
+        advertise_host: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_ca: str = "",
+        step_timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__(cfg)
+        self.options = SAPOptions(
+            task=task,
+            depth=depth,
+            variant=variant,
+            u_shaped=u_shaped,
+            privatize=privatize,
+            eta=float(eta),
+            cti=cti,
+            cti_floor=float(cti_floor),
+            adapters=adapters,
+            local_steps=local_steps,
+            batch_size=batch_size,
+            lr=float(lr),
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            classes=classes,
+            wire_dtype=wire_dtype,
+            split_host=split_host,
+            split_port=split_port,
+            advertise_host=advertise_host,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            step_timeout_s=float(step_timeout_s),
+        )
+
+    def server(self, aggregator: Aggregator) -> SAPServer:
+        return SAPServer(self.cfg, self.options, aggregator)
+
+    def client(self) -> SAPNode:
+        return SAPNode(self.cfg, self.options)

@@ -1,0 +1,31 @@
+"""Write a test CA and a server certificate (PEM) for fedtune's TLS endpoints.
+
+Usage::
+
+    python scripts/make_test_certs.py certs/ --host localhost --host 127.0.0.1
+
+writes ``certs/ca.crt``, ``certs/server.pem`` and ``certs/server.key`` (mode 0600). Point the split
+channel at them with ``[algorithm.options] tls-cert = "certs/server.pem"``, ``tls-key =
+"certs/server.key"``, ``tls-ca = "certs/ca.crt"``. The CA's private key is not kept: these are for
+tests and trials, not for production.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedtune.wire.tls import write_test_pki
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--host", action="append", default=None, help="a DNS name or IP the server answers on")
+    args = ap.parse_args()
+    files = write_test_pki(args.out_dir, tuple(args.host or ("localhost", "127.0.0.1")))
+    print(f"CA {files.ca_cert}\nserver certificate {files.server_cert}\nserver key {files.server_key}")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ class RunSection:
 
     name: label used for the output folder. seed: the run seed from which every generator (seed
     pool, client sampling, data order) derives. algorithm: a registered algorithm (fedkseed,
-    fedkseed-pro, lora-fedavg) or ``"package.module:Class"``; its own options go in
+    fedkseed-pro, lora-fedavg, sap) or ``"package.module:Class"``; its own options go in
     ``[algorithm.options]``. output_dir: where run folders (metrics.jsonl, plots, checkpoints) are
     written.
     """
@@ -64,17 +64,17 @@ class RunSection:
         _require(0 <= self.seed < 2**63, "run.seed must be a non-negative integer below 2**63")
         _require(
             bool(self.algorithm) and self.algorithm.strip() == self.algorithm,
-            "run.algorithm must name a registered algorithm (fedkseed, fedkseed-pro, lora-fedavg) "
+            "run.algorithm must name a registered algorithm (fedkseed, fedkseed-pro, lora-fedavg, sap) "
             "or 'package.module:Class'",
         )
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``[model]``: the causal LM.
+    """``[model]``: the model (a causal LM; split-and-privatize classification takes an encoder).
 
-    name: a builtin asset (``smollm2-135m``) or a local Hugging Face model folder. num_layers: keep
-    only the first N decoder layers (0 keeps all; small values make fast tests). max_length: tokens
+    name: a builtin asset (``smollm2-135m``, ``minilm-l6``) or a local Hugging Face model folder.
+    num_layers: keep only the first N layers (0 keeps all; small values make fast tests). max_length: tokens
     per example, prompt truncated from the left.
     """
 

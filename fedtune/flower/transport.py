@@ -35,9 +35,10 @@ class GridTransport:
 
     def _discover(self, nodes: list[int], live: set[int]) -> None:
         queries = [Message(RecordDict({INFO_RECORD: ConfigRecord({})}), n, INFO_QUERY) for n in nodes]
-        self._asked.update(nodes)
         for reply in self.grid.send_and_receive(queries, timeout=self.query_timeout):
             node = int(reply.metadata.src_node_id)
+            # Only an answer settles a node: one still starting (a slow first import) is asked again.
+            self._asked.add(node)
             record = None if reply.has_error() else reply.content.config_records.get(INFO_RECORD)
             cid = None if record is None else record.get("client-id")
             if isinstance(cid, bool) or not isinstance(cid, int) or cid < 0:

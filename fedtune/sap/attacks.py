@@ -71,7 +71,9 @@ def _check_steps(steps: int, lr: float) -> None:
         raise ValueError(f"lr must be > 0; got {lr!r}")
 
 
-def _as_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _as_batches(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = list(batches)
     if not out:
         raise ValueError("No training batches: pass at least one (input_ids, attention_mask) pair")
@@ -102,7 +104,8 @@ def scored_mask(
     """``attention_mask`` with special tokens ([CLS], [SEP], <s>, ...) zeroed: the positions worth scoring."""
     if input_ids.shape != attention_mask.shape:
         raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape"
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "differ in shape; pass the mask the tokenizer returned with these ids"
         )
     keep = attention_mask.bool()
     if special_ids:
@@ -115,9 +118,11 @@ def scored_mask(
 def knn_inversion(privatized: torch.Tensor, embedding: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
     """EIA-KNN: the id of the nearest (L2) vocabulary embedding at every position.
 
-    ``privatized (..., d)`` -> ids ``(...)``. Positions and vocabulary are both processed in blocks
-    of ``chunk`` rows, so memory stays at ``chunk**2`` distances whatever the input size. Valid for
-    the embedding-layer split, where a privatized vector is a noised row of ``embedding``.
+    ``privatized (..., d)`` -> ids ``(...)``; ties go to the lowest id. Positions and vocabulary are
+    both taken in blocks of ``chunk`` rows, so memory stays at ``chunk**2`` distances whatever the
+    input size. Valid for the embedding-layer split, where a privatized vector is a noised row of
+    ``embedding``; distances use ``|e|^2 - 2<x, e>`` (one matmul per block, the ``|x|^2`` term is
+    constant per position).
     """
     if embedding.dim() != 2 or privatized.dim() < 1 or privatized.shape[-1] != embedding.shape[1]:
         raise ValueError(
@@ -127,6 +132,7 @@ def knn_inversion(privatized: torch.Tensor, embedding: torch.Tensor, *, chunk: i
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
     vocab = embedding.detach().float().to(privatized.device)
+    sq_norms = (vocab * vocab).sum(dim=1)
     flat = privatized.detach().float().reshape(-1, vocab.shape[1])
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for r in range(0, flat.shape[0], chunk):
@@ -134,22 +140,25 @@ def knn_inversion(privatized: torch.Tensor, embedding: torch.Tensor, *, chunk: i
         best = torch.full((rows.shape[0],), float("inf"), device=flat.device)
         arg = torch.zeros(rows.shape[0], dtype=torch.long, device=flat.device)
         for v in range(0, vocab.shape[0], chunk):
-            dist, idx = torch.cdist(rows, vocab[v : v + chunk]).min(dim=1)
-            better = dist < best  # strict: ties keep the lowest id
+            block = torch.addmm(sq_norms[v : v + chunk], rows, vocab[v : v + chunk].T, alpha=-2.0)
+            dist, idx = block.min(dim=1)
+            better = dist < best  # strict: a tie keeps the earlier (lower) id
             best = torch.where(better, dist, best)
             arg = torch.where(better, idx + v, arg)
         ids[r : r + chunk] = arg
     return ids.reshape(privatized.shape[:-1])
 
 
-def _targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Collection[int]) -> torch.Tensor:
+def _targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Collection[int]
+) -> torch.Tensor:
     return input_ids.masked_fill(scored_mask(input_ids, attention_mask, special_ids) == 0, _IGNORE)
 
 
 class LearnedInversion:
     """An inverter trained by the attacker on public text passed through its own copy of the bottom model
     and the (public) privatization mechanism, predicting each position's token from its privatized
-    representation (EIA-learned; Song & Raghunathan 2020, section 4). Needed for deeper splits, where
+    representation (EIA-learned; Song & Raghunathan 2020). Needed for deeper splits, where
     representations are no longer near vocabulary embeddings and KNN fails.
 
     The model is a per-position MLP ``d -> hidden -> GELU -> LayerNorm -> vocab``.
@@ -187,8 +196,9 @@ class LearnedInversion:
     ) -> list[float]:
         """Train for ``steps`` AdamW steps, cycling over ``batches`` in order; return the losses.
 
-        The loss is cross-entropy on non-pad, non-special positions. Fresh noise is drawn by
-        ``privatize`` at every step, as the attacker can resample the public mechanism at will.
+        The loss is cross-entropy on non-pad, non-special positions (a batch with none is skipped).
+        Fresh noise is drawn by ``privatize`` at every step: the attacker can resample the public
+        mechanism at will.
         """
         _check_steps(steps, lr)
         data = _as_batches(batches)
@@ -215,6 +225,8 @@ class LearnedInversion:
     def predict(self, privatized: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
         """Token ids ``(...)`` from privatized representations ``(..., d)``, ``chunk`` positions at a time."""
         self._check_reps(privatized)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
         flat = privatized.detach().float().reshape(-1, self.dim)
         out = [self.model(flat[i : i + chunk]).argmax(dim=-1) for i in range(0, flat.shape[0], chunk)]
         ids = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
@@ -226,6 +238,8 @@ class LearnedInversion:
                 f"Representations must end in dim={self.dim}; got shape {tuple(reps.shape)}. Build the "
                 "inverter with dim equal to the bottom model's hidden size."
             )
+        if not bool(torch.isfinite(reps).all()):
+            raise ValueError("Representations contain NaN/inf; check the bottom model and the privatizer")
 
 
 class MaskedLMInversion:
@@ -236,8 +250,10 @@ class MaskedLMInversion:
     substitution is SANTEXT/CUSTEXT-style text privatization).
 
     A ``BertForMaskedLM`` with the first ``num_layers`` pretrained encoder blocks; its MLM head is new,
-    with the decoder tied to the word embeddings so tokens unseen in training stay predictable.
-    Dropout is off: the fit is then a deterministic function of the seed and the data.
+    with the decoder tied to the word embeddings so tokens unseen in training stay predictable. Those
+    embeddings stay frozen unless ``train_embeddings``: they are the attacker's knowledge of the public
+    model, and freezing them skips the largest gradient and optimizer state (vocab x d). Dropout is
+    off, so a fit is a deterministic function of the seed and the data (and draws no global RNG).
     """
 
     def __init__(
@@ -281,9 +297,6 @@ class MaskedLMInversion:
             raise ValueError(f"Encoder {encoder_name!r} lacks weights for {missing[:5]}; is it a BertModel?")
         self.model.bert.load_state_dict(matched, strict=False)
         head = self.model.cls.predictions
-        with torch.no_grad():  # start from copying: the head maps a token's state back onto its own embedding
-            head.transform.dense.weight.copy_(torch.eye(config.hidden_size))
-            import os; head.transform.LayerNorm.weight.fill_(float(os.environ.get('LNS','1')))
         word = self.model.bert.embeddings.word_embeddings.weight
         head.decoder.weight = word
         head.decoder.bias = head.bias
@@ -311,7 +324,7 @@ class MaskedLMInversion:
         """Train for ``steps`` AdamW steps, cycling over ``batches`` in order; return the losses.
 
         Input: ``privatize_ids(input_ids, mask)``; target: the original ids at non-pad, non-special
-        positions.
+        positions (a batch with none is skipped).
         """
         _check_steps(steps, lr)
         data = _as_batches(batches)
@@ -350,7 +363,9 @@ class MaskedLMInversion:
                 f"{tuple(mask.shape)}"
             )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"privatized ids must lie in [0, {self.vocab_size}); map them with the same tokenizer")
+            raise ValueError(
+                f"privatized ids must lie in [0, {self.vocab_size}); map them with the same tokenizer"
+            )
 
 
 def public_text_batches(
@@ -398,7 +413,11 @@ def public_text_batches(
     batches: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(0, len(packed), batch_size):
         enc = tokenizer(
-            packed[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            packed[i : i + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
         )
         batches.append((enc["input_ids"].long(), enc["attention_mask"].long()))
     return batches

@@ -11,6 +11,7 @@ back if the round cannot be aggregated.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -319,6 +320,39 @@ class SAPServer(ServerAlgorithm):
                 if isinstance(head, ClassifierHead):
                     correct += int((head.predict(feats) == batch.targets).sum())
         return total_loss / count, correct / count
+
+    # -- export --------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> None:
+        """Per adapter: a peft adapter folder for the trunk and the head as safetensors; plus
+        ``split.json`` (where the model is cut and what the head predicts)."""
+        from safetensors.numpy import save_file
+
+        slots = sorted(self.trainer.slots) or [SHARED]
+        for slot in slots:
+            folder = out_dir / slot
+            folder.mkdir(parents=True, exist_ok=True)
+            with self.trainer.lock:
+                self.trainer.use(slot)  # the slot's weights into the trunk (and the server's head)
+                self.trainer.trunk.base.save_pretrained(str(folder))  # type: ignore[operator]
+                head = self.client_head or (
+                    _head_arrays(self.head) if isinstance(self.head, ClassifierHead) else {}
+                )
+                if head:
+                    save_file(
+                        {k: np.ascontiguousarray(v) for k, v in head.items()},
+                        str(folder / "head.safetensors"),
+                    )
+        info = {
+            "model": self.cfg.model.name,
+            "num_layers": self.cfg.model.num_layers,
+            "task": self.opts.task,
+            "depth": self.opts.depth,
+            "u_shaped": self.opts.u_shaped,
+            "classes": list(self.class_names),
+            "adapters": slots,
+        }
+        (out_dir / "split.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        self._tokenizer.save_pretrained(out_dir)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, StateValue]:

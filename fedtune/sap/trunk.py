@@ -90,6 +90,11 @@ class TrunkTrainer:
             self._active = name
         return slot
 
+    def use(self, name: str) -> None:
+        """Load slot ``name``'s weights into the modules (for export); hold :attr:`lock` around use."""
+        with self.lock:
+            self._activate(name)
+
     def _save_active(self, slot: _Slot) -> None:
         with torch.no_grad():
             for n, p in self.params.items():

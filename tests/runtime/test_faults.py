@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedtune.config import RunConfig
 from fedtune.flower.records import RECORD, reply_from
 from fedtune.flower.testing import run_local
+from fedtune.runlog import read_jsonl
 from fedtune.runtime.checkpoint import load_checkpoint
 from fedtune.runtime.loop import build_run
 from fedtune.wire.codec import decode_reply, encode_reply
@@ -255,3 +256,22 @@ def test_nodes_given_their_own_data_files_train_from_those_files_only(run_cfg: A
 
     summary, _ = run_local(cfg, node_config=node_config)
     assert rows(summary)[1]["accepted"] == 3
+
+
+def test_a_node_slow_to_answer_its_first_query_is_asked_again(run_cfg: Any) -> None:
+    """A node still starting when the server first asks who it is (its query reply is lost)
+    is asked again on the next look, not written off for the whole run."""
+    cfg = run_cfg(**{"federation.num-rounds": 2})
+    dropped: list[int] = []
+
+    def slow_start(node: int, msg: Message) -> Message | None:
+        if node == 1002 and msg.metadata.message_type.startswith("query") and not dropped:
+            dropped.append(node)
+            return None
+        return msg
+
+    summary, _ = run_local(cfg, tamper=slow_start)
+    assert dropped == [1002]
+    assert summary["completed_rounds"] == 2
+    rows = read_jsonl(Path(str(summary["run_dir"])) / "metrics.jsonl")
+    assert [r["accepted"] for r in rows[1:]] == [2, 3]  # round 1 went on without it; round 2 has it

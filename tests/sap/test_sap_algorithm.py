@@ -192,3 +192,15 @@ def test_a_client_with_a_wrong_token_is_refused_and_rejected(sap_cfg: Any, tmp_p
             algo.client().train(payloads[0], _node(cfg, 0, tmp_path))
     finally:
         server.close()
+
+
+def test_export_writes_a_peft_adapter_and_the_head(sap_cfg: Any, tmp_path: Path) -> None:
+    from fedtune.export import export_run
+
+    summary, _ = run_local(sap_cfg(**{"federation.num-rounds": 1}))
+    out = export_run(Path(str(summary["run_dir"])), tmp_path / "export")
+    info = json.loads((out / "split.json").read_text())
+    assert info["classes"] == ["negative", "positive"] and info["adapters"] == ["shared"]
+    assert (out / "shared" / "adapter_config.json").is_file()
+    assert (out / "shared" / "adapter_model.safetensors").is_file()
+    assert (out / "shared" / "head.safetensors").is_file()

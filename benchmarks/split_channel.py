@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import secrets
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -290,14 +288,6 @@ def measure_payloads(
     return results
 
 
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's "run_simulation is deprecated" notice (as fedtune/flower/sim.py does)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return "run_simulation" not in text and "DEPRECATED FEATURE" not in text
-
-
 def flower_round_trips(reps: int) -> list[float]:
     """Seconds per ``grid.send_and_receive`` of one small message to one echoing node (Ray simulation).
 
@@ -306,7 +296,6 @@ def flower_round_trips(reps: int) -> list[float]:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
     times: list[float] = []
     errors: list[BaseException] = []
@@ -342,23 +331,9 @@ def flower_round_trips(reps: int) -> list[float]:
     def echo(msg: Message, context: Context) -> Message:
         return Message(msg.content, reply_to=msg)
 
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False  # Flower has its own console handler (as in fedtune/flower/sim.py)
-    drop = _DropDeprecation()
-    flwr_log.addFilter(drop)
-    for handler in flwr_log.handlers:
-        handler.addFilter(drop)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=1,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "logging_level": "ERROR"},
-            },
-        )
+    from fedtune.flower.sim import run_apps
+
+    run_apps(server_app, client_app, num_supernodes=1)
     if errors:
         raise RuntimeError(f"ServerApp failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
     if len(times) != reps:

@@ -119,6 +119,10 @@ class ServerAlgorithm(ABC):
     only changes what that node is sent next; otherwise a lone stale node could never recover.
     """
 
+    #: Equal states send equal payloads (the conformance suite checks it); False for a server
+    #: whose payloads carry per-round secrets such as access tokens.
+    deterministic_payloads: ClassVar[bool] = True
+
     @property
     def min_updates(self) -> int:
         """Fewest accepted updates a round can aggregate (e.g. the aggregator's ``min_clients``)."""

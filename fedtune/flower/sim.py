@@ -24,21 +24,21 @@ class _DropDeprecation(logging.Filter):
         return "run_simulation" not in text and "DEPRECATED FEATURE" not in text
 
 
-def simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; returns the run summary.
-
-    ``resume_dir``: continue that run folder from its checkpoint instead of starting a new one.
-    """
+def run_apps(
+    server_app: Any,
+    client_app: Any,
+    *,
+    num_supernodes: int,
+    client_cpus: int = 1,
+    client_gpus: float = 0.0,
+) -> None:
+    """``run_simulation`` on Ray with fedtune's settings: no telemetry, Flower's log lines once,
+    its deprecation notice hidden, Ray's own logging quiet."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from fedtune.flower.apps import build_client_app, build_server_app
-
-    flat = cfg.to_flat()
-    results: list[dict[str, Any]] = []
-    fed = cfg.federation
     flwr_log = logging.getLogger("flwr")
     # Flower's logger has its own console handler; a root handler (set by a library during the run)
     # would print every Flower line a second time.
@@ -50,18 +50,37 @@ def simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         run_simulation(
-            server_app=build_server_app(flat, results=results, resume_dir=resume_dir),
-            client_app=build_client_app(flat),
-            num_supernodes=fed.num_clients,
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
             backend_config={
-                "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+                "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
                 "init_args": {
-                    "num_cpus": max(fed.client_cpus, os.cpu_count() or 1),
+                    "num_cpus": max(client_cpus, os.cpu_count() or 1),
                     "logging_level": "ERROR",
                     "log_to_driver": True,
                 },
             },
         )
+
+
+def simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; returns the run summary.
+
+    ``resume_dir``: continue that run folder from its checkpoint instead of starting a new one.
+    """
+    from fedtune.flower.apps import build_client_app, build_server_app
+
+    flat = cfg.to_flat()
+    results: list[dict[str, Any]] = []
+    fed = cfg.federation
+    run_apps(
+        build_server_app(flat, results=results, resume_dir=resume_dir),
+        build_client_app(flat),
+        num_supernodes=fed.num_clients,
+        client_cpus=fed.client_cpus,
+        client_gpus=fed.client_gpus,
+    )
     if not results:
         raise RuntimeError("the simulation ended without a result; see the log above for the ServerApp error")
     return results[-1]

@@ -9,7 +9,9 @@ not carry state that the server state does not describe.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +49,24 @@ def _same_state(a: Mapping[str, StateValue], b: Mapping[str, StateValue], what: 
 
 
 def _replies(
-    cfg: RunConfig, workdir: Path, server_round: int, payloads: Mapping[int, bytes]
+    cfg: RunConfig,
+    workdir: Path,
+    server_round: int,
+    payloads: Mapping[int, bytes],
+    state: str = "client-state",
 ) -> list[NodeReply]:
-    nodes: list[NodeConfig] = [
-        {"partition-id": c, "state-dir": str(workdir / "client-state")} for c in payloads
-    ]
+    nodes: list[NodeConfig] = [{"partition-id": c, "state-dir": str(workdir / state)} for c in payloads]
     transport = DirectTransport(cfg, nodes)
     return transport.exchange(RoundRequest(server_round, payloads, "conformance", 60.0)).replies
 
 
 def check_one_round_applies(cfg: RunConfig, workdir: Path) -> None:
     """Honest clients: round 1 is applied, accepts every reply and changes the state."""
-    server = _server(cfg)
+    with closing(_server(cfg)) as server:
+        _one_round_applies(cfg, workdir, server)
+
+
+def _one_round_applies(cfg: RunConfig, workdir: Path, server: ServerAlgorithm) -> None:
     before = server.state_dict()
     clients = list(range(cfg.federation.clients_per_round))
     payloads = server.configure(1, clients)
@@ -76,7 +84,11 @@ def check_one_round_applies(cfg: RunConfig, workdir: Path) -> None:
 
 def check_rejections_leave_state_untouched(cfg: RunConfig, workdir: Path) -> None:
     """Garbage, client errors, unsampled and duplicate replies are rejected and change nothing."""
-    server = _server(cfg)
+    with closing(_server(cfg)) as server:
+        _rejections_leave_state_untouched(server)
+
+
+def _rejections_leave_state_untouched(server: ServerAlgorithm) -> None:
     before = server.state_dict()
     server.configure(1, [0, 1])
     error = ClientErrorPayload(1, ErrorCode.CLIENT_EXCEPTION, "RuntimeError: conformance")
@@ -95,16 +107,28 @@ def check_rejections_leave_state_untouched(cfg: RunConfig, workdir: Path) -> Non
 
 
 def check_state_round_trip(cfg: RunConfig, workdir: Path) -> None:
-    """``load_state_dict(state_dict())`` on a fresh server gives the same state and payloads."""
-    server = _server(cfg)
-    clients = list(range(cfg.federation.clients_per_round))
-    payloads = server.configure(1, clients)
-    server.aggregate(1, _replies(cfg, workdir, 1, payloads), min_replies=1)
-    restored = _server(cfg)
-    restored.load_state_dict(server.state_dict())
-    _same_state(server.state_dict(), restored.state_dict(), "after load_state_dict")
-    if server.configure(2, clients) != restored.configure(2, clients):
-        raise AssertionError("a restored server sends different round-2 payloads")
+    """``load_state_dict(state_dict())`` on a fresh server gives the same state, and then the same
+    round-2 payloads; for a server whose payloads carry per-round secrets
+    (``deterministic_payloads = False``, e.g. split-and-privatize's tokens), the same state after
+    running round 2 on both."""
+    with closing(_server(cfg)) as server, closing(_server(cfg)) as restored:
+        clients = list(range(cfg.federation.clients_per_round))
+        payloads = server.configure(1, clients)
+        server.aggregate(1, _replies(cfg, workdir, 1, payloads), min_replies=1)
+        restored.load_state_dict(server.state_dict())
+        _same_state(server.state_dict(), restored.state_dict(), "after load_state_dict")
+        if server.deterministic_payloads:
+            if server.configure(2, clients) != restored.configure(2, clients):
+                raise AssertionError("a restored server sends different round-2 payloads")
+            return
+        twin = workdir / "client-state-twin"  # the restored server's clients hold the same node state
+        if (workdir / "client-state").exists():
+            shutil.copytree(workdir / "client-state", twin, dirs_exist_ok=True)
+        for srv, state in ((server, "client-state"), (restored, twin.name)):
+            out = srv.aggregate(2, _replies(cfg, workdir, 2, srv.configure(2, clients), state), min_replies=1)
+            if not out.applied:
+                raise AssertionError(f"round 2 after a restore was not applied: {out}")
+        _same_state(server.state_dict(), restored.state_dict(), "after a round on the restored server")
 
 
 def check_algorithm(cfg: RunConfig, workdir: Path) -> None:

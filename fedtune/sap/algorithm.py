@@ -5,6 +5,8 @@ options in ``[algorithm.options]`` (see :class:`~fedtune.sap.options.SAPOptions`
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from fedtune.aggregators.base import Aggregator
 from fedtune.algorithms.base import Algorithm
 from fedtune.algorithms.registry import register_algorithm
@@ -48,32 +50,10 @@ class SplitAndPrivatize(Algorithm):
         step_timeout_s: float = 300.0,
     ) -> None:
         super().__init__(cfg)
-        self.options = SAPOptions(
-            task=task,
-            depth=depth,
-            variant=variant,
-            u_shaped=u_shaped,
-            privatize=privatize,
-            eta=float(eta),
-            cti=cti,
-            cti_floor=float(cti_floor),
-            adapters=adapters,
-            local_steps=local_steps,
-            batch_size=batch_size,
-            lr=float(lr),
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
-            classes=classes,
-            wire_dtype=wire_dtype,
-            split_host=split_host,
-            split_port=split_port,
-            advertise_host=advertise_host,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_ca=tls_ca,
-            step_timeout_s=float(step_timeout_s),
-        )
+        # The signature above is what the registry checks [algorithm.options] against; its
+        # parameters are exactly SAPOptions' fields, which validate them.
+        given = locals()
+        self.options = SAPOptions(**{f.name: given[f.name] for f in fields(SAPOptions)})
 
     def server(self, aggregator: Aggregator) -> SAPServer:
         return SAPServer(self.cfg, self.options, aggregator)

@@ -114,6 +114,8 @@ class SAPServer(ServerAlgorithm):
         self._sent: tuple[int, set[int]] = (0, set())
         self._tokenizer = load_tokenizer(cfg.model.name)
 
+    deterministic_payloads = False  # every round issues fresh stream ids and tokens
+
     @property
     def min_updates(self) -> int:
         return self.aggregator.min_clients if self.client_head else 1

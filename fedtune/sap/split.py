@@ -112,15 +112,23 @@ def load_base(
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
-class Bottom(nn.Module):
-    """The client's frozen bottom: ``(input_ids, attention_mask) -> B x S x d`` representations."""
+class _Half(nn.Module):
+    """What both halves know of the cut: the model family, the depth, the hidden width."""
 
     def __init__(self, base: PreTrainedModel, depth: int) -> None:
         super().__init__()
-        family = family_of(base)
-        _check_depth(base, family, depth)
-        self.family, self.depth = family, depth
+        self.family = family_of(base)
+        _check_depth(base, self.family, depth)
+        self.depth = depth
         self.hidden_size = int(base.config.hidden_size)
+
+
+class Bottom(_Half):
+    """The client's frozen bottom: ``(input_ids, attention_mask) -> B x S x d`` representations."""
+
+    def __init__(self, base: PreTrainedModel, depth: int) -> None:
+        super().__init__(base, depth)
+        family = self.family
         emb = base.get_input_embeddings()
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"{type(base).__name__}'s input embeddings are not an nn.Embedding")
@@ -154,17 +162,14 @@ class Bottom(nn.Module):
         return cast(torch.Tensor, out.last_hidden_state.float())
 
 
-class Trunk(nn.Module):
+class Trunk(_Half):
     """The server's trunk: the blocks after the cut; encoders return mean-pooled B x d features,
     decoders the final-norm B x S x d hidden states. Takes representations, or token ids for the
     text-level variant."""
 
     def __init__(self, base: PreTrainedModel, depth: int) -> None:
-        super().__init__()
-        family = family_of(base)
-        _check_depth(base, family, depth)
-        self.family, self.depth = family, depth
-        self.hidden_size = int(base.config.hidden_size)
+        super().__init__(base, depth)
+        family = self.family
         if depth > 0:
             blocks = _blocks(base, family)
             b = cast(Any, base)

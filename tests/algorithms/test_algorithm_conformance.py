@@ -18,14 +18,24 @@ from fedtune.runtime.conformance import (
 CHECKS = [check_one_round_applies, check_rejections_leave_state_untouched, check_state_round_trip]
 
 
+# Split-and-privatize on the tiny Llama: causal LM, no noise (so two runs are comparable).
+SAP_TINY = {
+    "algorithm.options.task": "causal-lm",
+    "algorithm.options.privatize": False,
+    "algorithm.options.local-steps": 2,
+    "algorithm.options.batch-size": 2,
+}
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("algorithm", ["fedkseed", "fedkseed-pro", "lora-fedavg"])
+@pytest.mark.parametrize("algorithm", ["fedkseed", "fedkseed-pro", "lora-fedavg", "sap"])
 def test_builtin_algorithms_conform(run_cfg: Any, tmp_path: Path, algorithm: str, check: Any) -> None:
-    check(run_cfg(**{"run.algorithm": algorithm}), tmp_path)
+    extra = SAP_TINY if algorithm == "sap" else {}
+    check(run_cfg(**{"run.algorithm": algorithm, **extra}), tmp_path)
 
 
 def test_builtins_are_listed_and_resolve_lazily() -> None:
-    assert {"fedkseed", "fedkseed-pro", "lora-fedavg"} <= set(available_algorithms())
+    assert {"fedkseed", "fedkseed-pro", "lora-fedavg", "sap"} <= set(available_algorithms())
     assert resolve_algorithm("lora-fedavg").__name__ == "LoRAFedAvg"
 
 

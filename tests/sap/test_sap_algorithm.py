@@ -204,3 +204,15 @@ def test_export_writes_a_peft_adapter_and_the_head(sap_cfg: Any, tmp_path: Path)
     assert (out / "shared" / "adapter_config.json").is_file()
     assert (out / "shared" / "adapter_model.safetensors").is_file()
     assert (out / "shared" / "head.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.third_party_rng
+def test_ray_simulation_trains_over_the_split_channel(sap_cfg: Any) -> None:
+    """``fedtune simulate`` on Ray: clients in Ray actors reach the split server in the ServerApp."""
+    from fedtune.flower.sim import simulate
+
+    summary = simulate(sap_cfg(**{"federation.clients-per-round": 2, "federation.node-wait-s": 120.0}))
+    assert summary["completed_rounds"] == 2
+    rows = _rows(summary)
+    assert all(r["accepted"] == 2 and r["trunk_steps"] == 6 for r in rows[1:])

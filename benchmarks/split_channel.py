@@ -15,8 +15,9 @@ trip is polled (~0.1 s in simulation, 3-6 s in deployment). This benchmark measu
   node, a ClientApp that echoes): each ``grid.send_and_receive`` of one small message is timed inside
   the ServerApp, the first one (actor start-up) skipped. That figure is quantised: the in-memory grid
   pulls every 0.1 s and the simulation's queue feeder sweeps every 0.1 s, and back-to-back round trips
-  keep the phase between the two loops for a whole run, so one run reads ~100 ms and another ~200 ms
-  throughout (both seen on 2 cores); compare runs with that in mind.
+  would keep the phase between the two loops for a whole run (one run reading ~100 ms throughout,
+  another ~200 ms), so each send waits a random 0-100 ms first (an explicit generator, outside the
+  timed part) and the median is over the phases real traffic meets.
 
 The step handler does no compute: it returns a reply of the right shape (a loss, or a zero
 ``trunk_output`` serialized with ``to_tensor`` as the real service does) without decoding or
@@ -59,7 +60,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedtune._proto.v1 import split_pb2 as pb
-from fedtune.sap.channel import ServerTLS, SplitChannelClient, SplitChannelServer
+from fedtune.sap.channel import ServerTLS, SplitChannelServer
+from fedtune.sap.channel_client import SplitChannelClient
 from fedtune.sap.tensors import to_tensor
 from fedtune.wire.tls import write_test_pki
 
@@ -309,7 +311,12 @@ def flower_round_trips(reps: int) -> list[float]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no SuperNode registered within {FLOWER_TIMEOUT_S:g} s")
                 time.sleep(0.05)
+            # Flower's simulation polls on 0.1 s loops; back-to-back sends lock onto one phase for a
+            # whole run (every trip ~0.1 s, or every trip ~0.2 s). A random pause before each send,
+            # outside the timed part, samples the phases as real traffic would.
+            pause = np.random.default_rng(0)
             for i in range(reps + 1):
+                time.sleep(float(pause.uniform(0.0, 0.1)))
                 content = RecordDict({"ping": ConfigRecord({"i": i})})
                 msg = Message(content, nodes[0], MessageType.TRAIN, group_id=str(i))
                 start = time.perf_counter()

@@ -24,7 +24,7 @@ from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.assets.models import load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.sap.batches import SplitExamples
-from fedtune.sap.channel import SplitChannelClient
+from fedtune.sap.channel_client import SplitChannelClient
 from fedtune.sap.codec import SplitReplyPayload, SplitRoundPayload, decode_split_round, encode_split_reply
 from fedtune.sap.cti import ContributingTokens
 from fedtune.sap.encode import ClientEncoder

@@ -24,10 +24,10 @@ from fedtune.sap.channel import (
     TOKEN_KEY,
     ChannelError,
     ServerTLS,
-    SplitChannelClient,
     SplitChannelServer,
     StepError,
 )
+from fedtune.sap.channel_client import SplitChannelClient
 from fedtune.sap.tensors import from_tensor, to_tensor
 from fedtune.wire.tls import make_ca, make_server_cert
 
@@ -346,7 +346,7 @@ def test_dropped_connection_is_reported(server: SplitChannelServer, echo: Echo, 
         "import sys\n"
         "import numpy as np\n"
         "from fedtune._proto.v1 import split_pb2\n"
-        "from fedtune.sap.channel import SplitChannelClient\n"
+        "from fedtune.sap.channel_client import SplitChannelClient\n"
         "from fedtune.sap.tensors import to_tensor\n"
         "c = SplitChannelClient(sys.argv[1], stream_id='s1', token='t1')\n"
         "acts = to_tensor(np.ones(4, np.float32))\n"
@@ -490,7 +490,8 @@ def test_process_exits_with_server_and_client_left_open() -> None:
     """Interpreter exit must not wait forever on a pool thread serving an open stream."""
     script = (
         "from fedtune._proto.v1 import split_pb2\n"
-        "from fedtune.sap.channel import SplitChannelClient, SplitChannelServer\n"
+        "from fedtune.sap.channel import SplitChannelServer\n"
+        "from fedtune.sap.channel_client import SplitChannelClient\n"
         "s = SplitChannelServer(lambda sid, r: split_pb2.StepReply(step=r.step))\n"
         "s.start()\n"
         "s.authorize('a', 'b')\n"

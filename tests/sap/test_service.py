@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fedtune._proto.v1 import split_pb2 as pb
-from fedtune.sap.channel import ChannelError, SplitChannelClient, SplitChannelServer, StepError
+from fedtune.sap.channel import ChannelError, SplitChannelServer, StepError
+from fedtune.sap.channel_client import SplitChannelClient
 from fedtune.sap.service import ModelShape, SplitService, StreamSession
 from fedtune.sap.split import build_split
 from fedtune.sap.tensors import from_tensor, to_tensor

@@ -233,11 +233,12 @@ class Bench:
             out["identity"] = self._score(lambda x, b: x, sent)
             out["masked_lm"] = self._score(self._attacker(bottom, eta, depth, variant), sent)
             return out
-        if depth == 0:
-            emb = bottom.embedding_matrix
-            out["knn"] = self._score(lambda x, b: knn_inversion(x, emb), sent)
-            if eta is None:  # exact embeddings: KNN already recovers every token
-                return out
+        # Nearest-token search applies at every depth: a few blocks keep each hidden state close
+        # to its token's embedding (measured: 0.999 recovery after 2 MiniLM blocks, no noise).
+        emb = bottom.embedding_matrix
+        out["knn"] = self._score(lambda x, b: knn_inversion(x, emb), sent)
+        if depth == 0 and eta is None:  # exact embeddings: KNN already recovers every token
+            return out
         out["learned"] = self._score(self._attacker(bottom, eta, depth, variant), sent)
         return out
 
@@ -368,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="results JSON (default: results/sap_privacy.json unless --quick)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--only-deep", action="store_true", help="rerun only the deeper split's point into --out")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -380,12 +382,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(row), flush=True)
         return row
 
-    baselines = {"unprivatized_split": run(None, False, 0), "unsplit": run(None, False, 0, unsplit=True)}
-    points = [run(eta, cti, 0) for eta in setup.etas for cti in (False, True)]
-    points += [run(eta, cti, 0, "text") for eta in setup.text_etas for cti in (False, True)]
+    out = args.out or (None if args.quick else RESULTS / "sap_privacy.json")
+    previous: dict[str, Any] = {}
+    if args.only_deep:  # rerun the deeper split's point into an existing results file
+        if out is None or not out.is_file():
+            raise SystemExit("--only-deep updates an existing results file; run the full sweep first")
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        baselines = previous["baselines"]
+        points = [p for p in previous["points"] if p["depth"] == 0]
+    else:
+        baselines = {"unprivatized_split": run(None, False, 0), "unsplit": run(None, False, 0, unsplit=True)}
+        points = [run(eta, cti, 0) for eta in setup.etas for cti in (False, True)]
+        points += [run(eta, cti, 0, "text") for eta in setup.text_etas for cti in (False, True)]
     if setup.deep_depth:
         points.append(run(None, False, setup.deep_depth))
-    out = args.out or (None if args.quick else RESULTS / "sap_privacy.json")
     plot = out.with_suffix(".png") if out else Path("/tmp/sap_privacy_quick.png")
     _plot(points, baselines, plot)
     result: dict[str, Any] = {
@@ -400,8 +410,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "baselines": baselines,
         "points": points,
         "target": target(points, baselines["unprivatized_split"]),
-        "plot": str(plot),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "plot": plot.name,  # next to the results file
+        "wall_s": round(time.perf_counter() - t0, 1),  # this invocation
+        "sweep_wall_s": (previous.get("sweep_wall_s") or previous.get("wall_s"))
+        if args.only_deep
+        else round(time.perf_counter() - t0, 1),
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

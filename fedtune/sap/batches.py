@@ -84,9 +84,15 @@ class SplitExamples:
         )
         return SplitBatch(tb.input_ids, tb.attention_mask, tb.labels, groups)
 
-    def stream(self, batch_size: int, key: Sequence[int]) -> Callable[[], SplitBatch]:
-        """An endless, keyed stream of shuffled batches (capped at the node's size)."""
-        sampler = BatchSampler(num_examples=len(self), batch_size=min(batch_size, len(self)), key=key)
+    def stream(
+        self, batch_size: int, key: Sequence[int], *, balanced: bool = False
+    ) -> Callable[[], SplitBatch]:
+        """An endless, keyed stream of shuffled batches (capped at the node's size); ``balanced``
+        draws round-robin over the CTI classes (``data.sampling = "class-balanced"``)."""
+        labels = [str(g) for g in self.groups] if balanced else None
+        sampler = BatchSampler(
+            num_examples=len(self), batch_size=min(batch_size, len(self)), key=key, labels=labels
+        )
         return lambda: self.batch(sampler.next_indices())
 
     def chunks(self, batch_size: int) -> list[SplitBatch]:

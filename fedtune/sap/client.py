@@ -98,7 +98,11 @@ class SAPNode(ClientAlgorithm):
         cti = fit_cti(examples, tokenizer, bottom.embedding_matrix.shape[0], opts) if opts.cti else None
         encoder = ClientEncoder(bottom, privatizer, cti, text=opts.variant == "text")
         head, head_opt = self._head(rnd, lm_head)
-        next_batch = examples.stream(rnd.batch_size, key=(cfg.run.seed, rnd.server_round, node.partition_id))
+        next_batch = examples.stream(
+            rnd.batch_size,
+            key=(cfg.run.seed, rnd.server_round, node.partition_id),
+            balanced=node.data.sampling == "class-balanced",
+        )
         losses: list[float] = []
         times: list[float] = []
         noised: list[tuple[int, float, float]] = []

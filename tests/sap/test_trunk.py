@@ -115,3 +115,9 @@ def test_load_state_dict_refuses_another_model() -> None:
     state["params"] = "something.else"
     with pytest.raises(ValueError, match="differ"):
         trainer.load_state_dict(state)
+
+
+def test_class_balanced_stream_alternates_classes() -> None:
+    _, examples, _ = _setup()
+    batch = examples.stream(8, key=(0, 1), balanced=True)()
+    assert sorted(batch.targets.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]

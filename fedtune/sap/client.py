@@ -11,10 +11,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Mapping
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -146,7 +144,7 @@ class SAPNode(ClientAlgorithm):
                 noised_norm=sum(n * a for n, a, _ in noised) / max(1, tokens),
                 noise_norm=sum(n * b for n, _, b in noised) / max(1, tokens),
                 peak_memory_mb=peak_rss_mb(),
-                head=self._head_arrays(head) if isinstance(head, ClassifierHead) else {},
+                head=head.arrays() if isinstance(head, ClassifierHead) else {},
             )
         )
 
@@ -163,7 +161,10 @@ class SAPNode(ClientAlgorithm):
             )
         weight = np.asarray(rnd.head["linear.weight"], dtype=np.float32)
         head = ClassifierHead(weight.shape[1], weight.shape[0], seed=0)
-        _load_head(head, rnd.head)
+        try:
+            head.load_arrays(rnd.head)
+        except ValueError as exc:
+            raise ClientError(ErrorCode.BAD_PAYLOAD, str(exc)) from exc
         return head, torch.optim.AdamW(head.parameters(), lr=self.opts.lr, weight_decay=0.0)
 
     def _u_step(
@@ -194,19 +195,3 @@ class SAPNode(ClientAlgorithm):
         )
         channel.step(back)
         return float(loss.detach())
-
-    @staticmethod
-    def _head_arrays(head: ClassifierHead) -> dict[str, np.ndarray]:
-        return {n: p.detach().numpy().astype(np.float32).copy() for n, p in head.named_parameters()}
-
-
-def _load_head(head: ClassifierHead, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
-    """Copy the server's global head in; names and shapes are checked before anything changes."""
-    params = dict(head.named_parameters())
-    if set(arrays) != set(params) or any(np.shape(arrays[n]) != tuple(p.shape) for n, p in params.items()):
-        raise ClientError(
-            ErrorCode.BAD_PAYLOAD, f"the head arrays must be {sorted(params)} with the head's shapes"
-        )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(torch.from_numpy(np.array(arrays[n], dtype=np.float32)))

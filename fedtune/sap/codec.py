@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from fedtune._proto.v1 import sap_pb2 as pb
 from fedtune.wire._validate import UINT64_MAX, FloatArray, check_ascii_text, check_finite_float, check_uint
@@ -28,6 +28,7 @@ _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 MAX_STEPS: Final = 100_000
 MAX_CLASSES: Final = 10_000
 MAX_CERT_BYTES: Final = 1 << 20
+P = TypeVar("P", "SplitRoundPayload", "SplitReplyPayload")
 
 
 def _heads(value: Mapping[str, FloatArray]) -> Mapping[str, FloatArray]:
@@ -72,14 +73,7 @@ class SplitRoundPayload:
         set_(self, "head", _heads(self.head))
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SplitRoundPayload):
-            return NotImplemented
-        same = ("server_round", "address", "stream_id", "token", "steps", "batch_size", "class_names")
-        return (
-            all(getattr(self, k) == getattr(other, k) for k in same)
-            and self.root_certificates == other.root_certificates
-            and arrays_equal(self.head, other.head)
-        )
+        return _equal(self, other) if isinstance(other, SplitRoundPayload) else NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -120,88 +114,54 @@ class SplitReplyPayload:
         set_(self, "head", _heads(self.head))
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SplitReplyPayload):
-            return NotImplemented
-        keys = (
-            "server_round", "steps_done", "num_examples", "train_loss", "bytes_up_per_step",
-            "bytes_down_per_step", "step_ms", "noised_norm", "noise_norm", "peak_memory_mb",
-        )  # fmt: skip
-        return all(getattr(self, k) == getattr(other, k) for k in keys) and arrays_equal(
-            self.head, other.head
-        )
+        return _equal(self, other) if isinstance(other, SplitReplyPayload) else NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
+
+
+Payload = SplitRoundPayload | SplitReplyPayload
+
+
+def _equal(a: Payload, b: Payload) -> bool:
+    scalars = [f.name for f in fields(a) if f.name != "head"]
+    return all(getattr(a, k) == getattr(b, k) for k in scalars) and arrays_equal(a.head, b.head)
+
+
+# The payload dataclasses name their fields as the messages do, so one mapping serves both.
+def _encode(p: Payload, message: type[pb.SplitRound] | type[pb.SplitReply]) -> bytes:
+    values: dict[str, Any] = {f.name: getattr(p, f.name) for f in fields(p) if f.name != "head"}
+    if "class_names" in values:
+        values["class_names"] = list(values["class_names"])
+    return message(schema_version=SAP_SCHEMA_VERSION, head=pack_arrays(p.head), **values).SerializeToString()
+
+
+def _decode(b: bytes, message: pb.SplitRound | pb.SplitReply, payload: type[P]) -> P:
+    msg = _parse(b, message, supported=_SUPPORTED)
+    what = type(message).__name__
+    values: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(payload) if f.name != "head"}
+    if "class_names" in values:
+        values["class_names"] = tuple(values["class_names"])
+    try:
+        return payload(**values, head=unpack_arrays(msg.head, what))
+    except ValueError as exc:
+        raise PayloadError(f"invalid {what}: {exc}") from exc
 
 
 def encode_split_round(p: SplitRoundPayload) -> bytes:
     if not isinstance(p, SplitRoundPayload):
         raise TypeError(f"encode_split_round expects a SplitRoundPayload, got {type(p).__name__}")
-    return pb.SplitRound(
-        schema_version=SAP_SCHEMA_VERSION,
-        server_round=p.server_round,
-        address=p.address,
-        stream_id=p.stream_id,
-        token=p.token,
-        steps=p.steps,
-        batch_size=p.batch_size,
-        class_names=list(p.class_names),
-        root_certificates=p.root_certificates,
-        head=pack_arrays(p.head),
-    ).SerializeToString()
+    return _encode(p, pb.SplitRound)
 
 
 def decode_split_round(b: bytes) -> SplitRoundPayload:
-    msg = _parse(b, pb.SplitRound(), supported=_SUPPORTED)
-    try:
-        return SplitRoundPayload(
-            server_round=msg.server_round,
-            address=msg.address,
-            stream_id=msg.stream_id,
-            token=msg.token,
-            steps=msg.steps,
-            batch_size=msg.batch_size,
-            class_names=tuple(msg.class_names),
-            root_certificates=bytes(msg.root_certificates),
-            head=unpack_arrays(msg.head, "SplitRound"),
-        )
-    except ValueError as exc:
-        raise PayloadError(f"invalid SplitRound: {exc}") from exc
+    return _decode(b, pb.SplitRound(), SplitRoundPayload)
 
 
 def encode_split_reply(p: SplitReplyPayload) -> bytes:
     if not isinstance(p, SplitReplyPayload):
         raise TypeError(f"encode_split_reply expects a SplitReplyPayload, got {type(p).__name__}")
-    return pb.SplitReply(
-        schema_version=SAP_SCHEMA_VERSION,
-        server_round=p.server_round,
-        steps_done=p.steps_done,
-        num_examples=p.num_examples,
-        train_loss=p.train_loss,
-        bytes_up_per_step=p.bytes_up_per_step,
-        bytes_down_per_step=p.bytes_down_per_step,
-        step_ms=p.step_ms,
-        noised_norm=p.noised_norm,
-        noise_norm=p.noise_norm,
-        peak_memory_mb=p.peak_memory_mb,
-        head=pack_arrays(p.head),
-    ).SerializeToString()
+    return _encode(p, pb.SplitReply)
 
 
 def decode_split_reply(b: bytes) -> SplitReplyPayload:
-    msg = _parse(b, pb.SplitReply(), supported=_SUPPORTED)
-    try:
-        return SplitReplyPayload(
-            server_round=msg.server_round,
-            steps_done=msg.steps_done,
-            num_examples=msg.num_examples,
-            train_loss=msg.train_loss,
-            bytes_up_per_step=msg.bytes_up_per_step,
-            bytes_down_per_step=msg.bytes_down_per_step,
-            step_ms=msg.step_ms,
-            noised_norm=msg.noised_norm,
-            noise_norm=msg.noise_norm,
-            peak_memory_mb=msg.peak_memory_mb,
-            head=unpack_arrays(msg.head, "SplitReply"),
-        )
-    except ValueError as exc:
-        raise PayloadError(f"invalid SplitReply: {exc}") from exc
+    return _decode(b, pb.SplitReply(), SplitReplyPayload)

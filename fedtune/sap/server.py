@@ -69,10 +69,6 @@ def class_names_for(cfg: RunConfig, opts: SAPOptions) -> tuple[str, ...]:
     return tuple(answers)
 
 
-def _head_arrays(head: ClassifierHead) -> HeadArrays:
-    return {n: p.detach().numpy().astype(np.float32).copy() for n, p in head.named_parameters()}
-
-
 class SAPServer(ServerAlgorithm):
     """Trunk with LoRA (shared or per-client adapters), the split channel, and the global head."""
 
@@ -95,7 +91,7 @@ class SAPServer(ServerAlgorithm):
         # server keeps the aggregated copy for its own evaluation.
         self.trainer = TrunkTrainer(trunk, None if opts.u_shaped else parts.head, lr=opts.lr)
         self.client_head: HeadArrays = (
-            _head_arrays(parts.head) if opts.u_shaped and isinstance(parts.head, ClassifierHead) else {}
+            parts.head.arrays() if opts.u_shaped and isinstance(parts.head, ClassifierHead) else {}
         )
         self.service = SplitService(
             self.trainer,
@@ -308,9 +304,7 @@ class SAPServer(ServerAlgorithm):
         head = self.head
         if isinstance(head, ClassifierHead) and self.client_head:
             head = ClassifierHead(head.linear.in_features, head.linear.out_features, seed=0)
-            with torch.no_grad():
-                for name, param in head.named_parameters():
-                    param.copy_(torch.from_numpy(self.client_head[name]))
+            head.load_arrays(self.client_head)
         for batch in examples.chunks(EVAL_BATCH):
             x = encoder(batch, labelled=False).inputs
             with torch.no_grad():
@@ -337,7 +331,7 @@ class SAPServer(ServerAlgorithm):
                 self.trainer.use(slot)  # the slot's weights into the trunk (and the server's head)
                 self.trainer.trunk.base.save_pretrained(str(folder))  # type: ignore[operator]
                 head = self.client_head or (
-                    _head_arrays(self.head) if isinstance(self.head, ClassifierHead) else {}
+                    self.head.arrays() if isinstance(self.head, ClassifierHead) else {}
                 )
                 if head:
                     save_file(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -222,6 +223,20 @@ class ClassifierHead(nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self(features)
         return logits.argmax(dim=-1)
+
+    def arrays(self) -> dict[str, npt.NDArray[np.float32]]:
+        """The head's weights by name (what the U-shaped split sends and averages)."""
+        return {n: p.detach().numpy().astype(np.float32).copy() for n, p in self.named_parameters()}
+
+    def load_arrays(self, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        """Copy ``arrays`` in; names and shapes are checked before anything changes (ValueError)."""
+        params = dict(self.named_parameters())
+        same = set(arrays) == set(params)
+        if not same or any(np.shape(arrays[n]) != tuple(p.shape) for n, p in params.items()):
+            raise ValueError(f"the head arrays must be {sorted(params)} with the head's shapes")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(torch.from_numpy(np.array(arrays[n], dtype=np.float32)))
 
 
 class LMHead(nn.Module):

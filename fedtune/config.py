@@ -69,18 +69,34 @@ class RunSection:
         )
 
 
+def is_device_spec(spec: str) -> bool:
+    """Whether ``spec`` is a ``model.device`` value: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Only the form is checked here (config stays torch-free); :func:`fedtune.assets.device.resolve_device`
+    checks that the device exists.
+    """
+    if spec in ("auto", "cpu", "cuda"):
+        return True
+    index = spec.removeprefix("cuda:")
+    return index != spec and index.isascii() and index.isdigit()
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """``[model]``: the model (a causal LM; split-and-privatize classification takes an encoder).
 
     name: a builtin asset (``smollm2-135m``, ``minilm-l6``) or a local Hugging Face model folder.
     num_layers: keep only the first N layers (0 keeps all; small values make fast tests). max_length: tokens
-    per example, prompt truncated from the left.
+    per example, prompt truncated from the left. device: where FedKSeed and LoRA-FedAvg clients and the
+    server's evaluator run forward passes, perturbations and replay: ``auto`` (the GPU when torch sees
+    one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Perturbations are the same on every device, so
+    CPU and GPU parties can share one run.
     """
 
     name: str = "smollm2-135m"
     num_layers: int = 0
     max_length: int = 96
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _require(
@@ -88,6 +104,10 @@ class ModelSection:
         )
         _require(self.num_layers >= 0, "model.num_layers must be >= 0 (0 keeps every layer)")
         _require(8 <= self.max_length <= 8192, "model.max_length must be between 8 and 8192 tokens")
+        _require(
+            is_device_spec(self.device),
+            f"model.device = {self.device!r} is not a device; use auto, cpu, cuda or cuda:N (N = GPU index)",
+        )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fedtune.assets.device import resolve_device
     from fedtune.assets.locate import ASSET_PACKAGES, AssetMissingError, AssetPackage, asset_file, package_dir
     from fedtune.assets.models import (
         BUILTIN_MODELS,
@@ -37,6 +38,7 @@ _EXPORTS = {
     "load_tokenizer": "models",
     "resolve_model_dir": "models",
     "tiny_causal_lm": "models",
+    "resolve_device": "device",
 }
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "load_encoder",
     "load_tokenizer",
     "package_dir",
+    "resolve_device",
     "resolve_model_dir",
     "tiny_causal_lm",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedtune.assets.device import resolve_device
 from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.fedkseed.client import FedKSeedClient
@@ -29,6 +30,7 @@ def fingerprint_digest(fp: Fingerprint) -> str:
 class ReplicaKey:
     model: str
     num_layers: int
+    device: str  # resolved ("cpu", "cuda:0"): "auto" and "cuda" on one GPU share a replica
     tune: str
     perturbation: str
     eps: float
@@ -57,6 +59,7 @@ def replica_key(cfg: RunConfig) -> ReplicaKey:
     return ReplicaKey(
         model=cfg.model.name,
         num_layers=cfg.model.num_layers,
+        device=str(resolve_device(cfg.model.device)),
         tune=cfg.zo.tune,
         perturbation=cfg.zo.perturbation,
         eps=cfg.zo.eps,
@@ -68,8 +71,14 @@ def replica_key(cfg: RunConfig) -> ReplicaKey:
 
 
 def build_replica(cfg: RunConfig) -> Replica:
-    """Load the pretrained model (C = 0) and wrap it in a FedKSeed client."""
-    model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
+    """Load the pretrained model (C = 0) on ``model.device`` and wrap it in a FedKSeed client.
+
+    The model moves (fp32) before the tuned tensors are selected, so the stepper, the replay and the
+    forward passes all work on the device's tensors; directions are still generated on the CPU, so the
+    fingerprint and every replayed weight match a CPU party's.
+    """
+    device = resolve_device(cfg.model.device)
+    model = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None, device=str(device))
     tokenizer = load_tokenizer(cfg.model.name)
     tuned = select_parameters(model, ParamSelection(mode=cfg.zo.tune))  # type: ignore[arg-type]
     zo_cfg = ZOConfig(eps=cfg.zo.eps, kind=cfg.zo.perturbation, cache_z=cfg.zo.cache_z)  # type: ignore[arg-type]

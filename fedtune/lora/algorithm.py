@@ -16,6 +16,7 @@ from fedtune.aggregators.base import Aggregator
 from fedtune.algorithms.base import Algorithm, ClientAlgorithm, EvalModel, NodeContext
 from fedtune.algorithms.registry import register_algorithm
 from fedtune.algorithms.rounds import peak_rss_mb
+from fedtune.assets.device import resolve_device
 from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
 from fedtune.lora.fedit import AdapterArrays, adapter_arrays, add_lora, load_adapter_arrays, train_local
@@ -27,11 +28,15 @@ _MODELS: dict[tuple[Any, ...], tuple[PeftModel, PreTrainedTokenizerBase, Adapter
 
 
 def _cached(cfg: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, AdapterArrays]:
-    key = (cfg.model.name, cfg.model.num_layers, cfg.lora, cfg.run.seed)
+    device = resolve_device(cfg.model.device)
+    key = (cfg.model.name, cfg.model.num_layers, str(device), cfg.lora, cfg.run.seed)
     with _LOCK:
         if key not in _MODELS:
             base = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
+            # Adapters are initialised on the CPU, then the whole model moves: the starting adapter is
+            # the same on every device.
             model = add_lora(base, cfg.lora, seed=cfg.run.seed)
+            model.to(device)
             _MODELS[key] = (model, load_tokenizer(cfg.model.name), adapter_arrays(model))
         return _MODELS[key]
 

@@ -7,7 +7,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 MetricValue = int | float | str | bool | None
@@ -39,6 +40,37 @@ class MetricsLog:
         atomic_write_text(
             self.path, "".join(json.dumps(strict_json_values(r), sort_keys=True) + "\n" for r in records)
         )
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of one client round (model load, replay, local steps, ...).
+
+    A node writes them next to its state, so a deployment can be profiled per round without a
+    debugger: what the round cost, and which share was fedtune's and which the training's.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+
+    def count(self, name: str, value: int) -> None:
+        self._counts[name] = value
+
+    def as_record(self) -> dict[str, MetricValue]:
+        out: dict[str, MetricValue] = {f"{k}_s": round(v, 6) for k, v in self._seconds.items()}
+        out.update(self._counts)
+        return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from fedtune.aggregators.base import Aggregator, StateValue
-from fedtune.runlog import MetricValue
+from fedtune.runlog import MetricValue, PhaseTimer
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 if TYPE_CHECKING:
@@ -100,13 +100,16 @@ class NodeContext:
     partition_id: the node's stable identity (seeds per-client randomness, so a run is
     reproducible whatever node ids the runtime assigns). data: the node's own examples only.
     state_dir: a folder private to this node and run for state that must survive between
-    rounds (a fresh process per message in deployment); write it atomically.
+    rounds (a fresh process per message in deployment); write it atomically. timer: where the
+    client half records its phases (``with node.timer.phase("replay"): ...``); the runtime
+    writes them to ``node-rounds.jsonl`` in ``state_dir``.
     """
 
     node_id: int
     partition_id: int
     data: NodeData
     state_dir: Path
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
 class ServerAlgorithm(ABC):

@@ -20,6 +20,7 @@ from fedtune.config import RunConfig
 from fedtune.fedkseed.client import NodeView, StaleSyncError
 from fedtune.fedkseed.replica import build_replica, get_replica
 from fedtune.fedkseed.server import FedKSeedServer, RoundSettings
+from fedtune.fedkseed.state import WEIGHTS_FILE, load_weights, save_weights
 from fedtune.wire.codec import decode_sync, encode_reply
 from fedtune.wire.errors import ErrorCode
 
@@ -46,28 +47,56 @@ class FedKSeedNode(ClientAlgorithm):
     def train(self, payload: bytes, node: NodeContext) -> bytes:
         cfg = self.cfg
         sync = decode_sync(payload)
-        replica = get_replica(cfg)
+        with node.timer.phase("model_load"):
+            replica = get_replica(cfg)
+        client = replica.client
+        # A process that has not synced yet (deployment's process per message, a new Ray actor, a
+        # resumed run) starts from this node's saved weights, if they verify, and keeps them after.
+        keep_weights = client.pristine and not cfg.fedkseed.rebuild_each_round
+        weights_path = node.state_dir / WEIGHTS_FILE
+        if keep_weights:
+            with node.timer.phase("state_load"):
+                saved = load_weights(
+                    weights_path,
+                    client.stepper.tuned,
+                    fingerprint=client.fingerprint,
+                    num_seeds=cfg.fedkseed.num_seeds,
+                )
+                if saved is not None:
+                    client.restore(saved.tensors, saved.coefficients)
+            node.timer.count("state_restored", int(saved is not None))
         path = node.state_dir / VIEW_FILE
         view = NodeView.load(path, cfg.fedkseed.num_seeds)
-        batches = node.data.batches(
-            replica.tokenizer,
-            batch_size=sync.batch_size,
-            max_length=cfg.model.max_length,
-            key=(cfg.run.seed, sync.server_round, node.partition_id),
-        )
+        with node.timer.phase("data"):
+            batches = node.data.batches(
+                replica.tokenizer,
+                batch_size=sync.batch_size,
+                max_length=cfg.model.max_length,
+                key=(cfg.run.seed, sync.server_round, node.partition_id),
+            )
         try:
-            reply, new_view = replica.client.train_round(
+            reply, new_view = client.train_round(
                 sync,
                 client_key=node.partition_id,
                 view=view,
                 batch_for_step=batches,
                 num_examples=len(node.data),
+                timer=node.timer,
             )
         except StaleSyncError as exc:
             raise ClientError(
                 ErrorCode.STALE_SYNC, str(exc), held_version=None if view is None else view.version
             ) from exc
-        new_view.save(path)
+        with node.timer.phase("state_save"):
+            if keep_weights:
+                save_weights(
+                    weights_path,
+                    client.stepper.tuned,
+                    client.coefficients,
+                    fingerprint=client.fingerprint,
+                    server_round=sync.server_round,
+                )
+            new_view.save(path)
         return encode_reply(reply, scalar_dtype=cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
 
 

@@ -9,7 +9,7 @@ bounded by K.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.data.batch import TokenBatch
+from fedtune.runlog import PhaseTimer
 from fedtune.wire.codec import ReplyPayload, SparseDelta, SyncPayload, probabilities_from_quantized
 from fedtune.zo import MeZOStep, replay
 
@@ -93,6 +94,22 @@ class FedKSeedClient:
         # alone, so a resumed run (a fresh process) is bit-identical to one that never stopped.
         self._theta0 = [p.detach().clone() for p in stepper.tuned.tensors] if rebuild_each_round else None
         self._rebuilt_round = -1
+        self._pristine = True
+
+    @property
+    def pristine(self) -> bool:
+        """True until the first sync or restore: the model is still exactly theta_0 (C = 0)."""
+        return self._pristine
+
+    def restore(self, tensors: Sequence[torch.Tensor], coefficients: npt.NDArray[np.float64]) -> None:
+        """Take weights saved with the exact coefficients they hold (a verified node state file)."""
+        if coefficients.shape != (self.num_seeds,):
+            raise ValueError(f"coefficients have shape {coefficients.shape}, expected ({self.num_seeds},)")
+        with torch.no_grad():
+            for p, saved in zip(self.stepper.tuned.tensors, tensors, strict=True):
+                p.copy_(saved)
+        self.coefficients = np.asarray(coefficients, dtype=np.float64).copy()
+        self._pristine = False
 
     def sync_to(self, target: npt.NDArray[np.float64], *, server_round: int | None = None) -> int:
         """Replay target - C onto the model; returns how many seeds were replayed.
@@ -113,6 +130,7 @@ class FedKSeedClient:
         if nz.size:
             replay(self.stepper.tuned, self.stepper.perturbation, (nz, delta[nz]))
         self.coefficients = target.astype(np.float64, copy=True)
+        self._pristine = False
         return int(nz.size)
 
     def draw_seeds(self, sync: SyncPayload, client_key: int) -> npt.NDArray[np.int64]:
@@ -137,8 +155,13 @@ class FedKSeedClient:
         view: NodeView | None,
         batch_for_step: Callable[[int], TokenBatch],
         num_examples: int,
+        timer: PhaseTimer | None = None,
     ) -> tuple[ReplyPayload, NodeView]:
-        """Sync, run the local steps, and return the reply plus the node's new view of A."""
+        """Sync, run the local steps, and return the reply plus the node's new view of A.
+
+        ``timer`` gets the ``replay`` and ``train`` phases and the ``replayed_seeds`` count.
+        """
+        timer = timer or PhaseTimer()
         if sync.fingerprint != self.fingerprint:
             raise ValueError(
                 "the server's model/perturbation fingerprint differs from this client's; "
@@ -148,7 +171,19 @@ class FedKSeedClient:
         if sync.num_seeds != self.num_seeds:
             raise ValueError(f"server uses K={sync.num_seeds} seeds, this client K={self.num_seeds}")
         target = resolve_accumulator(sync, view)
-        self.sync_to(target, server_round=sync.server_round)
+        with timer.phase("replay"):
+            timer.count("replayed_seeds", self.sync_to(target, server_round=sync.server_round))
+        with timer.phase("train"):
+            return self._local_steps(sync, target, client_key, batch_for_step, num_examples)
+
+    def _local_steps(
+        self,
+        sync: SyncPayload,
+        target: npt.NDArray[np.float64],
+        client_key: int,
+        batch_for_step: Callable[[int], TokenBatch],
+        num_examples: int,
+    ) -> tuple[ReplyPayload, NodeView]:
         seeds = self.draw_seeds(sync, client_key)
         kept_seeds: list[int] = []
         grads: list[float] = []

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,10 +20,12 @@ from fedtune.algorithms.registry import create_algorithm
 from fedtune.assets.models import cache_dir
 from fedtune.config import DataSection, RunConfig
 from fedtune.data.node import NodeData
+from fedtune.runlog import MetricsLog, MetricValue, PhaseTimer
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
 log = logging.getLogger(__name__)
 NodeConfig = Mapping[str, int | float | str | bool]
+ROUNDS_FILE = "node-rounds.jsonl"
 _RUN_KEY = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -83,19 +87,51 @@ def state_dir(node_config: NodeConfig, run_key: str, cid: int) -> Path:
 def client_round(
     cfg: RunConfig, payload: bytes, *, server_round: int, node_id: int, node_config: NodeConfig, run_key: str
 ) -> bytes | ClientErrorPayload:
-    """Run one round of the configured algorithm on this node: its reply payload or a typed error."""
+    """Run one round of the configured algorithm on this node: its reply payload or a typed error.
+
+    The round's phases (data load, model load, replay, local steps, ...) go to
+    ``node-rounds.jsonl`` in the node's state folder.
+    """
+    timer = PhaseTimer()
+    folder: Path | None = None
+    outcome = "ok"
     try:
         cid = client_id(node_config)
-        node = NodeContext(
-            node_id=node_id,
-            partition_id=cid,
-            data=load_node_data(cfg, node_config),
-            state_dir=state_dir(node_config, run_key, cid),
-        )
+        folder = state_dir(node_config, run_key, cid)
+        with timer.phase("data_load"):
+            data = load_node_data(cfg, node_config)
+        node = NodeContext(node_id=node_id, partition_id=cid, data=data, state_dir=folder, timer=timer)
         return create_algorithm(cfg).client().train(payload, node)
     except ClientError as exc:
+        outcome = exc.code.name
         log.warning("round %d: %s", server_round, exc)
         return ClientErrorPayload(server_round, exc.code, str(exc), exc.held_version)
     except Exception as exc:  # any client fault ends this node's round, never the run
+        outcome = ErrorCode.CLIENT_EXCEPTION.name
         log.exception("round %d: the client failed", server_round)
         return ClientErrorPayload(server_round, ErrorCode.CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}")
+    finally:
+        if folder is not None:
+            _record_round(folder, server_round, outcome, timer)
+
+
+def _record_round(folder: Path, server_round: int, outcome: str, timer: PhaseTimer) -> None:
+    record: dict[str, MetricValue] = {"round": server_round, "outcome": outcome, "pid": os.getpid()}
+    started = process_started_s()
+    if started is not None:
+        record["process_age_s"] = round(started, 3)
+    record.update(timer.as_record())
+    try:
+        MetricsLog(folder / ROUNDS_FILE).append(record)
+    except OSError as exc:  # profiling must never fail a round
+        log.warning("could not write %s: %s", folder / ROUNDS_FILE, exc)
+
+
+def process_started_s() -> float | None:
+    """Seconds since this process started (None where the OS does not say)."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        return time.time() - float(psutil.Process().create_time())
+    except Exception:  # psutil comes with Ray; a node without it just lacks this column
+        return None

@@ -92,6 +92,8 @@ def tiny_model_dir(
 
 
 TINY_RUN: dict[str, Any] = {
+    # The suite compares tensors with CPU references; GPU tests (marked gpu) ask for "cuda" themselves.
+    "model.device": "cpu",
     "model.max-length": 48,
     "data.max-train-examples": 60,
     "data.heldout-size": 8,

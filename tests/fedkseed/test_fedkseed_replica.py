@@ -63,7 +63,7 @@ def test_cpu_replica_holds_cpu_tensors_and_replays_like_a_direct_replay(run_cfg:
 
 
 def test_replica_key_holds_the_resolved_device(run_cfg: Any) -> None:
-    auto, cpu = replica_key(run_cfg()), replica_key(run_cfg(**{"model.device": "cpu"}))
+    auto, cpu = (replica_key(run_cfg(**{"model.device": d})) for d in ("auto", "cpu"))
     assert auto.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert (auto == cpu) == (not torch.cuda.is_available())
 

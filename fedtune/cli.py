@@ -33,11 +33,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dir} has no checkpoint.json: it saved no round, start it anew")
         cfg = RunConfig.load(run_dir / "config.toml")
         check_config(cfg)
-        summary = simulate(cfg, resume_dir=run_dir)
+        summary = simulate(cfg, resume_dir=run_dir, ray_address=args.ray_address)
     else:
         cfg = _load_config(args.config, args.set)
         check_config(cfg)  # a bad algorithm, aggregator or option fails here, before Ray starts
-        summary = simulate(cfg)
+        summary = simulate(cfg, ray_address=args.ray_address)
     print(json.dumps(summary))
     return 0
 
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("simulate", help="run a federated simulation on this machine (Flower + Ray)")
+    p = sub.add_parser(
+        "simulate", help="run a federated simulation (Flower + Ray) on this machine or a Ray cluster"
+    )
     p.add_argument(
         "config", nargs="?", help="TOML config (default: built-in defaults = simulations/default.toml)"
     )
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint (same config)"
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="run the clients on an existing Ray cluster: HEAD:6379, ray://HEAD:10001 or auto "
+        "(default: $RAY_ADDRESS, else a private Ray instance on this machine)",
     )
     p.set_defaults(func=cmd_simulate)
 

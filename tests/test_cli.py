@@ -25,7 +25,9 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
     """Replaces the Ray simulation; collects the configs ``fedtune simulate`` would run."""
     calls: list[RunConfig] = []
 
-    def fake_simulate(cfg: RunConfig, *, resume_dir: Path | None = None) -> dict[str, Any]:
+    def fake_simulate(
+        cfg: RunConfig, *, resume_dir: Path | None = None, ray_address: str | None = None
+    ) -> dict[str, Any]:
         calls.append(cfg)
         return {"completed_rounds": cfg.federation.num_rounds, "final_heldout_loss": 1.5}
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
-from transformers import PreTrainedTokenizerBase
-
-from fedtune.data.batch import TokenBatch
-from fedtune.data.collate import encode_examples
 from fedtune.data.sampler import BatchSampler
+
+if TYPE_CHECKING:  # a node's process imports these when it first builds batches, not at start
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from fedtune.data.batch import TokenBatch
 
 REQUIRED_COLUMNS = ("prompt", "answer")
 SAMPLING_MODES = ("shuffle", "class-balanced")
@@ -58,6 +60,8 @@ class NodeData:
         ``key`` is (run seed, round, partition id, ...), so every node and round draws its own
         order and a rerun draws the same one. Batches are capped at the node's size.
         """
+        from fedtune.data.collate import encode_examples
+
         prompts, answers = list(self.examples["prompt"]), list(self.examples["answer"])
         labels = [str(v) for v in self.examples["label"]] if self.sampling == "class-balanced" else None
         sampler = BatchSampler(

@@ -7,12 +7,15 @@ itself, so this module stays usable outside a Flower run.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from fedtune.data.sources import quiet_datasets
+
+if TYPE_CHECKING:  # flwr_datasets pulls in seaborn and matplotlib (~1 s): imported where it partitions
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 __all__ = ["PARTITION_SCHEMES", "partition_dataset"]
 
@@ -90,6 +93,7 @@ def partition_dataset(
     needed = {"dirichlet": "label", "group": "group"}.get(scheme)
     if needed is not None and needed not in ds.column_names:
         raise ValueError(f"scheme {scheme!r} needs a {needed!r} column; the dataset has {ds.column_names}")
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     with quiet_datasets():
         if scheme == "iid":

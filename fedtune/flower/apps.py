@@ -21,7 +21,6 @@ from fedtune.algorithms.base import ClientError
 from fedtune.config import RunConfig, Scalar
 from fedtune.flower.records import envelope_from, reply_content
 from fedtune.flower.transport import INFO_RECORD, GridTransport
-from fedtune.runtime.loop import RunLoop
 from fedtune.runtime.node import client_id, client_round
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
@@ -44,6 +43,8 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedtune.runtime.loop import RunLoop  # server-only: a ClientApp process never pays for it
+
         cfg = config_from(context.run_config, overrides)
         loop = RunLoop(cfg, GridTransport(grid), run_dir=resume_dir, resume=resume_dir is not None)
         summary = loop.run()

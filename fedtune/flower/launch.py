@@ -103,7 +103,6 @@ def flwr_run(
         raise ValueError(f"{app_dir} has no pyproject.toml; pass the Flower app folder (the repo root)")
     flat = _merged_run_config(run_config, overrides)
     _check_known_keys(app_dir, flat)
-    flwr = _flwr_executable()
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fedtune-flwr-home-")) if flwr_home is None else Path(flwr_home)
     home = home.resolve()
@@ -111,28 +110,11 @@ def flwr_run(
     env = _environment(home)
     start = time.monotonic()
     before = _processes_under(home)
-    run_id: int | None = None
-    returncode: int | None = None
-    status, output = "not-started", ""
-    info: dict[str, Any] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="fedtune-run-config-") as tmp:
-            cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream"]
-            if flat:
-                path = Path(tmp) / "run-config.toml"
-                path.write_text(_dotted_toml(flat), encoding="utf-8")
-                cmd += ["--run-config", str(path)]
-            cmd += ["--federation-config", _federation_config(app_dir, flat, num_supernodes)]
-            returncode, output = _stream(cmd, env=env, cwd=app_dir, timeout_s=timeout_s, echo=echo)
-        run_id = _run_id(output)
-        if run_id is None and returncode in (0, None):  # started, but the line was not seen
-            run_id = _latest_run_id(flwr, env, app_dir)
-        if run_id is not None:
-            status, info = _final_status(flwr, env, app_dir, run_id, running=returncode is None)
-            if returncode is None and not status.startswith("finished"):
-                _call(flwr, ["stop", str(run_id), CONNECTION], env, app_dir)
-                status, info = _final_status(flwr, env, app_dir, run_id, running=False)
-                status = status if status.startswith("finished") else f"timeout:{status}"
+        federation = ["--federation-config", _federation_config(app_dir, flat, num_supernodes)]
+        status, run_id, returncode, output, info = run_app(
+            app_dir, CONNECTION, flat, env=env, extra_args=federation, timeout_s=timeout_s, echo=echo
+        )
     finally:
         _stop_processes(_processes_under(home) - before)
     wall = time.monotonic() - start
@@ -140,6 +122,47 @@ def flwr_run(
     if own_home and result.ok:
         shutil.rmtree(home, ignore_errors=True)
     return result
+
+
+def run_app(
+    app_dir: Path,
+    connection: str,
+    flat: Mapping[str, Scalar],
+    *,
+    env: Mapping[str, str],
+    extra_args: Sequence[str] = (),
+    timeout_s: float,
+    echo: bool = False,
+) -> tuple[str, int | None, int | None, str, dict[str, Any]]:
+    """``flwr run <app_dir> <connection> --stream``: (final status, run id, exit code, output, run row).
+
+    The status is the SuperLink's (``flwr list --format json``), not the CLI's exit code; a run
+    still going at ``timeout_s`` is stopped and reported as ``timeout:<status>``.
+    """
+    flwr = _flwr_executable()
+    run_id: int | None = None
+    status, info = "not-started", dict[str, Any]()
+    with tempfile.TemporaryDirectory(prefix="fedtune-run-config-") as tmp:
+        cmd = [flwr, "run", str(app_dir), connection, "--stream"]
+        if flat:
+            path = Path(tmp) / "run-config.toml"
+            path.write_text(_dotted_toml(flat), encoding="utf-8")
+            cmd += ["--run-config", str(path)]
+        returncode, output = _stream(
+            [*cmd, *extra_args], env=env, cwd=app_dir, timeout_s=timeout_s, echo=echo
+        )
+    run_id = _run_id(output)
+    if run_id is None and returncode in (0, None):  # started, but the line was not seen
+        run_id = _latest_run_id(flwr, env, app_dir, connection)
+    if run_id is not None:
+        status, info = _final_status(
+            flwr, env, app_dir, run_id, running=returncode is None, connection=connection
+        )
+        if returncode is None and not status.startswith("finished"):
+            _call(flwr, ["stop", str(run_id), connection], env, app_dir)
+            status, info = _final_status(flwr, env, app_dir, run_id, running=False, connection=connection)
+            status = status if status.startswith("finished") else f"timeout:{status}"
+    return status, run_id, returncode, output, info
 
 
 # -- building the command ---------------------------------------------------------------------------
@@ -287,9 +310,9 @@ def _call(flwr: str, args: Sequence[str], env: Mapping[str, str], cwd: Path) -> 
 
 
 def _list_runs(
-    flwr: str, env: Mapping[str, str], cwd: Path, run_id: int | None = None
+    flwr: str, env: Mapping[str, str], cwd: Path, run_id: int | None = None, connection: str = CONNECTION
 ) -> list[dict[str, Any]]:
-    args = ["list", CONNECTION, "--format", "json"]
+    args = ["list", connection, "--format", "json"]
     if run_id is not None:
         args[2:2] = ["--run-id", str(run_id)]
     text = _call(flwr, args, env, cwd)
@@ -309,19 +332,20 @@ def _run_id(output: str) -> int | None:
     return int(found[-1]) if found else None
 
 
-def _latest_run_id(flwr: str, env: Mapping[str, str], cwd: Path) -> int | None:
-    runs = _list_runs(flwr, env, cwd)
+def _latest_run_id(flwr: str, env: Mapping[str, str], cwd: Path, connection: str = CONNECTION) -> int | None:
+    runs = _list_runs(flwr, env, cwd, connection=connection)
     runs.sort(key=lambda r: str(r.get("pending-at", "")))
     return int(runs[-1]["run-id"]) if runs and str(runs[-1].get("run-id", "")).isdigit() else None
 
 
 def _final_status(
-    flwr: str, env: Mapping[str, str], cwd: Path, run_id: int, *, running: bool
+    flwr: str, env: Mapping[str, str], cwd: Path, run_id: int, *, running: bool, connection: str = CONNECTION
 ) -> tuple[str, dict[str, Any]]:
     """The run's status; waits briefly for "finished:*" (the stream may end just before it)."""
     deadline = time.monotonic() + (0.0 if running else 30.0)
     while True:
-        rows = [r for r in _list_runs(flwr, env, cwd, run_id) if str(r.get("run-id")) == str(run_id)]
+        runs = _list_runs(flwr, env, cwd, run_id, connection)
+        rows = [r for r in runs if str(r.get("run-id")) == str(run_id)]
         info = rows[0] if rows else {}
         status = str(info.get("status", "unknown"))
         if status.startswith("finished") or time.monotonic() > deadline:

@@ -23,6 +23,9 @@ INFO_RECORD = "info"
 INFO_QUERY = f"{MessageType.QUERY}.info"
 
 
+TTL_MARGIN_S = 60.0
+
+
 class GridTransport:
     """Maps Flower node ids to stable client ids (``query.info``) and exchanges one payload each."""
 
@@ -80,7 +83,13 @@ class GridTransport:
                 gone.append(NodeReply(cid, error=error))
                 continue
             content = train_content(Envelope(server_round, request.run_key, payload))
-            messages.append(Message(content, node_of[cid], MessageType.TRAIN, group_id=str(server_round)))
+            # The TTL lets the SuperLink drop a message nobody fetched in time, so a node that
+            # comes back long after the round is not handed its work. A reply expires with its
+            # message, so the TTL also covers the push itself, which can take seconds under load.
+            ttl = timeout + TTL_MARGIN_S
+            messages.append(
+                Message(content, node_of[cid], MessageType.TRAIN, ttl=ttl, group_id=str(server_round))
+            )
         out = Exchange(replies=gone, message_bytes_down=[message_nbytes(m) for m in messages[:1]])
         ids = list(self.grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}

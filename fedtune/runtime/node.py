@@ -17,7 +17,6 @@ from pathlib import Path
 
 from fedtune.algorithms.base import ClientError, NodeContext
 from fedtune.algorithms.registry import create_algorithm
-from fedtune.assets.models import cache_dir
 from fedtune.config import DataSection, RunConfig
 from fedtune.data.node import NodeData
 from fedtune.runlog import MetricsLog, MetricValue, PhaseTimer
@@ -80,7 +79,12 @@ def state_dir(node_config: NodeConfig, run_key: str, cid: int) -> Path:
     if not _RUN_KEY.match(run_key):
         raise ClientError(ErrorCode.BAD_PAYLOAD, f"run key {run_key!r} is not a valid folder name")
     base = node_config.get("state-dir")
-    root = Path(str(base)) if base else cache_dir() / "client-state"
+    if base:
+        root = Path(str(base))
+    else:
+        from fedtune.assets.models import cache_dir  # torch and transformers: only when needed
+
+        root = cache_dir() / "client-state"
     return root / run_key / f"client-{cid}"
 
 

@@ -1,4 +1,5 @@
-"""X.509 material for TLS on loopback tests and small deployments (split channel, SuperLink).
+"""X.509 material for TLS on loopback tests and small deployments (split channel, SuperLink), and
+SuperNode authentication keys.
 
 A private CA signs one server certificate whose SubjectAlternativeName lists the DNS names and IP
 addresses clients dial: gRPC verifies the host name against the SAN only (never the CN), so
@@ -252,4 +253,31 @@ def write_test_pki(
     write_atomic(files.server_key, server_key, 0o600)
     write_atomic(files.server_cert, server_cert, 0o644)
     write_atomic(files.ca_cert, ca_cert, 0o644)
+    return files
+
+
+@dataclass(frozen=True)
+class NodeKeyFiles:
+    """A SuperNode's authentication key pair (OpenSSH format): register ``public``, give ``private`` to it."""
+
+    private: Path
+    public: Path
+
+
+def write_supernode_key(path: str | os.PathLike[str]) -> NodeKeyFiles:
+    """Write a fresh EC P-384 key pair for Flower SuperNode authentication: ``path`` and ``path.pub``.
+
+    The same key ``ssh-keygen -t ecdsa -b 384`` makes (OpenSSH formats), which is what
+    ``flwr supernode register`` and ``flower-supernode --auth-supernode-private-key`` read.
+    """
+    private = Path(path)
+    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    files = NodeKeyFiles(private=private, public=private.with_name(private.name + ".pub"))
+    write_atomic(files.private, pem, 0o600)
+    write_atomic(files.public, public + b" fedtune-supernode\n", 0o644)
     return files

@@ -275,3 +275,14 @@ def test_a_node_slow_to_answer_its_first_query_is_asked_again(run_cfg: Any) -> N
     assert summary["completed_rounds"] == 2
     rows = read_jsonl(Path(str(summary["run_dir"])) / "metrics.jsonl")
     assert [r["accepted"] for r in rows[1:]] == [2, 3]  # round 1 went on without it; round 2 has it
+
+
+def test_train_messages_expire_after_the_round_so_a_returning_node_skips_stale_work(run_cfg: Any) -> None:
+    from fedtune.flower.testing import LocalGrid
+    from fedtune.flower.transport import TTL_MARGIN_S
+
+    cfg: RunConfig = run_cfg(**{"federation.num-rounds": 1, "federation.round-timeout-s": 42.0})
+    _, grid = run_local(cfg)
+    assert isinstance(grid, LocalGrid)
+    train = [m for m in grid.delivered if m.metadata.message_type == "train"]
+    assert train and {m.metadata.ttl for m in train} == {42.0 + TTL_MARGIN_S}

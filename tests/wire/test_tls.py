@@ -84,3 +84,18 @@ def test_write_test_pki_files_and_modes(tmp_path: Path) -> None:
     again = write_test_pki(tmp_path / "certs")  # overwrites in place (os.replace), no temp files left
     assert again == files and again.server_key.read_bytes() != first_key
     assert sorted(p.name for p in files.ca_cert.parent.iterdir()) == ["ca.crt", "server.key", "server.pem"]
+
+
+def test_supernode_key_is_an_openssh_p384_pair_with_private_mode(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from fedtune.wire.tls import write_supernode_key
+
+    files = write_supernode_key(tmp_path / "keys" / "supernode_0")
+    private = load_ssh_private_key(files.private.read_bytes(), password=None)
+    public = load_ssh_public_key(files.public.read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert stat.S_IMODE(files.private.stat().st_mode) == 0o600
+    assert files.public.name == "supernode_0.pub"

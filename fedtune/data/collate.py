@@ -18,10 +18,12 @@ from fedtune.data.batch import TokenBatch
 __all__ = [
     "IGNORE_INDEX",
     "PromptBatch",
+    "assemble_batch",
     "encode_examples",
     "encode_prompts",
     "format_prompt",
     "generate_answers",
+    "tokenize_pairs",
 ]
 
 IGNORE_INDEX = -100  # HF causal-LM convention: positions the loss skips
@@ -81,21 +83,44 @@ def encode_examples(
     _check_batch_args(prompts, max_length)
     if isinstance(answers, str) or len(answers) != len(prompts):
         raise ValueError(f"Need one answer per prompt; got {len(prompts)} prompts and {len(answers)} answers")
+    prompt_ids, answer_ids = tokenize_pairs(tokenizer, prompts, answers)
+    return assemble_batch(tokenizer, prompt_ids, answer_ids, max_length=max_length)
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The token ids of formatted prompts and of answers (no EOS yet): what a node caches on disk."""
+    answer_ids: list[list[int]] = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    return _prompt_ids(tokenizer, prompts), answer_ids
+
+
+def assemble_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+) -> TokenBatch:
+    """Right-padded batch from :func:`tokenize_pairs` ids: EOS appended, prompts cut from the left."""
+    if not prompt_ids or len(prompt_ids) != len(answer_ids):
+        raise ValueError(
+            f"Need one answer per prompt; got {len(prompt_ids)} prompts and {len(answer_ids)} answers"
+        )
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1; got {max_length}")
     eos_id = _special_id(tokenizer, "eos")
     pad_id = _special_id(tokenizer, "pad")
-    prompt_ids = _prompt_ids(tokenizer, prompts)
-    answer_ids: list[list[int]] = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
-
     rows: list[tuple[list[int], list[int]]] = []
-    for i, (p_ids, a_ids) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
-        a_ids = [*a_ids, eos_id]
+    for i, (p_ids, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+        a_ids = [*a, eos_id]
         if len(a_ids) > max_length:
             raise ValueError(
                 f"Example {i}: the answer is {len(a_ids)} tokens with EOS, more than "
                 f"max_length={max_length}; raise max_length or filter long answers"
             )
         keep = max_length - len(a_ids)
-        rows.append((p_ids[len(p_ids) - keep :] if keep < len(p_ids) else p_ids, a_ids))
+        rows.append((list(p_ids[len(p_ids) - keep :] if keep < len(p_ids) else p_ids), a_ids))
 
     length = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -1,17 +1,25 @@
 """One node's own training data and its minibatch stream: the client glue every algorithm uses.
 
-A node holds only its examples (``prompt``, ``answer``, ``label``); the stream tokenizes each
-batch on demand with the same collation the evaluator uses. Batches are plain shuffled passes
-(the FedKSeed paper's sampling) unless ``class-balanced`` is asked for explicitly.
+A node holds only its examples (``prompt``, ``answer``, ``label``). Batches are plain shuffled
+passes (the FedKSeed paper's sampling) unless ``class-balanced`` is asked for explicitly, and they
+are assembled from ids tokenized once per tokenizer with the evaluator's collation.
+
+Given a ``token_dir`` and a ``source_key`` (what the examples are made from), the ids are kept on
+disk (:mod:`fedtune.data.tokens`). The examples themselves may then come from a ``loader`` that
+runs only when the ids are not cached. So a fresh process per round (a deployment) neither
+imports ``datasets`` nor re-reads its task file once the first round has written the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.data.sampler import BatchSampler
+from fedtune.data.tokens import TokenizedExamples, tokenizer_key
 
 if TYPE_CHECKING:  # a node's process imports these when it first builds batches, not at start
     import datasets
@@ -23,29 +31,86 @@ REQUIRED_COLUMNS = ("prompt", "answer")
 SAMPLING_MODES = ("shuffle", "class-balanced")
 
 
-@dataclass(frozen=True)
 class NodeData:
-    """A node's private examples. ``sampling``: ``shuffle`` or ``class-balanced``."""
+    """A node's private examples. ``sampling``: ``shuffle`` or ``class-balanced``.
 
-    examples: datasets.Dataset
-    sampling: str = "shuffle"
+    ``examples``: the rows, or a zero-argument loader that builds them on first use. With
+    ``token_dir`` and ``source_key`` the tokenized ids are cached there, keyed by both.
+    """
 
-    def __post_init__(self) -> None:
-        missing = [c for c in REQUIRED_COLUMNS if c not in self.examples.column_names]
+    def __init__(
+        self,
+        examples: datasets.Dataset | Callable[[], datasets.Dataset],
+        sampling: str = "shuffle",
+        *,
+        token_dir: Path | None = None,
+        source_key: str | None = None,
+    ) -> None:
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+        if (token_dir is None) != (source_key is None):
+            raise ValueError("pass token_dir and source_key together (or neither)")
+        self.sampling = sampling
+        self.token_dir = token_dir
+        self.source_key = source_key
+        self._loader = examples if callable(examples) else None
+        self._examples: datasets.Dataset | None = None if callable(examples) else examples
+        self._tokens: dict[str, TokenizedExamples] = {}
+        self._lock = threading.Lock()
+        if self._examples is not None:
+            self._check(self._examples)
+
+    def _check(self, examples: datasets.Dataset) -> None:
+        missing = [c for c in REQUIRED_COLUMNS if c not in examples.column_names]
         if missing:
             raise ValueError(
-                f"node data lacks column(s) {missing} (has {self.examples.column_names}); "
+                f"node data lacks column(s) {missing} (has {examples.column_names}); "
                 "a node's data needs prompt and answer columns"
             )
-        if len(self.examples) == 0:
+        if len(examples) == 0:
             raise ValueError("node data is empty; give this node at least one example")
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
-        if self.sampling == "class-balanced" and "label" not in self.examples.column_names:
+        if self.sampling == "class-balanced" and "label" not in examples.column_names:
             raise ValueError("class-balanced sampling needs a label column; use sampling = 'shuffle'")
 
+    @property
+    def examples(self) -> datasets.Dataset:
+        """The rows (loaded, and checked, on first access)."""
+        with self._lock:
+            if self._examples is None:
+                if self._loader is None:  # pragma: no cover - the constructor sets one of the two
+                    raise RuntimeError("NodeData has neither examples nor a loader")
+                examples = self._loader()
+                self._check(examples)
+                self._examples = examples
+            return self._examples
+
     def __len__(self) -> int:
+        if self._examples is None and self._tokens:
+            return len(next(iter(self._tokens.values())))
         return len(self.examples)
+
+    def tokenized(self, tokenizer: PreTrainedTokenizerBase) -> TokenizedExamples:
+        """Every example's prompt and answer ids for ``tokenizer``: memory, then disk, then a pass."""
+        key = tokenizer_key(tokenizer)
+        cached = self._tokens.get(key)
+        if cached is not None:
+            return cached
+        path, digest = None, ""
+        if self.token_dir is not None and self.source_key is not None:
+            digest = hashlib.sha256(f"{self.source_key}\0{key}".encode()).hexdigest()
+            path = self.token_dir / f"tokens-{digest[:24]}.npz"
+            cached = TokenizedExamples.load(path, digest)
+        if cached is None or (self.sampling == "class-balanced" and cached.labels is None):
+            from fedtune.data.collate import tokenize_pairs
+
+            ex = self.examples
+            prompt_ids, answer_ids = tokenize_pairs(tokenizer, list(ex["prompt"]), list(ex["answer"]))
+            labels = [str(v) for v in ex["label"]] if "label" in ex.column_names else None
+            cached = TokenizedExamples.build(prompt_ids, answer_ids, labels)
+            if path is not None:
+                cached.save(path, digest)
+        self._tokens[key] = cached
+        return cached
 
     def batches(
         self,
@@ -60,18 +125,20 @@ class NodeData:
         ``key`` is (run seed, round, partition id, ...), so every node and round draws its own
         order and a rerun draws the same one. Batches are capped at the node's size.
         """
-        from fedtune.data.collate import encode_examples
+        from fedtune.data.collate import assemble_batch
 
-        prompts, answers = list(self.examples["prompt"]), list(self.examples["answer"])
-        labels = [str(v) for v in self.examples["label"]] if self.sampling == "class-balanced" else None
-        sampler = BatchSampler(
-            num_examples=len(prompts), batch_size=min(batch_size, len(prompts)), key=key, labels=labels
-        )
+        tokens = self.tokenized(tokenizer)
+        n = len(tokens)
+        labels = list(tokens.labels or ()) if self.sampling == "class-balanced" else None
+        sampler = BatchSampler(num_examples=n, batch_size=min(batch_size, n), key=key, labels=labels)
 
         def batch_for_step(_step: int) -> TokenBatch:
             idx = sampler.next_indices()
-            return encode_examples(
-                tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length=max_length
+            return assemble_batch(
+                tokenizer,
+                [tokens.prompt(i) for i in idx],
+                [tokens.answer(i) for i in idx],
+                max_length=max_length,
             )
 
         return batch_for_step

@@ -88,14 +88,19 @@ def run_loopback(
     timeout_s: float = 600.0,
     app_dir: Path = REPO,
     echo: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> LoopbackReport:
-    """Start a TLS + authenticated deployment of ``num_nodes`` SuperNodes, run the app, stop it all."""
+    """Start a TLS + authenticated deployment of ``num_nodes`` SuperNodes, run the app, stop it all.
+
+    ``env``: extra environment for every process (e.g. ``OMP_NUM_THREADS=1``, so nodes sharing one
+    machine do not fight over its cores as separate devices would not).
+    """
     work_dir = Path(work_dir).resolve()
     flat: dict[str, Scalar] = {"run.output-dir": str(work_dir / "runs"), **overrides}
     cfg = RunConfig.from_flat(flat)
     files = write_node_files(cfg, work_dir / "data", num_nodes)
     events: list[str] = []
-    with LoopbackDeployment(work_dir) as dep:
+    with LoopbackDeployment(work_dir, env=env) as dep:
         configs: list[dict[str, Scalar]] = []
         for i, path in enumerate(files):
             key = dep.new_key(f"supernode_{i}")

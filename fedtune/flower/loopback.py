@@ -20,7 +20,7 @@ from typing import Any
 
 from fedtune.config import RunConfig, Scalar, parse_overrides
 from fedtune.flower.deploy import DeployedRun, LoopbackDeployment
-from fedtune.flower.launch import _processes_under
+from fedtune.flower.launch import _cmdline, _processes_under
 from fedtune.runlog import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,13 +159,6 @@ def _kill_and_restart(
             return
         time.sleep(0.1)
     events.append(f"node {plan.node} never reached round {plan.server_round}")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def _node_rounds(state_dir: Path) -> list[dict[str, Any]]:

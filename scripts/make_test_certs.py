@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--host", action="append", default=None, help="a DNS name or IP the server answers on")
     ap.add_argument("--supernode-keys", type=int, default=0, metavar="N", help="also write N SuperNode keys")
-    ap.add_argument("--keys-dir", type=Path, help="where the SuperNode keys go (default: keys/ beside out_dir)")
+    ap.add_argument("--keys-dir", type=Path, help="where SuperNode keys go (default: keys/ beside out_dir)")
     args = ap.parse_args()
     if args.supernode_keys < 0:
         ap.error("--supernode-keys must be >= 0")

@@ -113,8 +113,8 @@ def load_weights(
         return None
     for position, (t, p) in enumerate(zip(tensors, tuned.tensors, strict=True)):
         if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
-            log.warning("ignoring %s: tensor %d is %s %s, the model's is %s %s", path, position,
-                        t.dtype, tuple(t.shape), p.dtype, tuple(p.shape))  # fmt: skip
+            found, want = f"{t.dtype} {tuple(t.shape)}", f"{p.dtype} {tuple(p.shape)}"
+            log.warning("ignoring %s: tensor %d is %s, the model's is %s", path, position, found, want)
             return None
     if coeff.dtype != torch.float64 or tuple(coeff.shape) != (num_seeds,):
         log.warning("ignoring %s: coefficients are %s %s", path, coeff.dtype, tuple(coeff.shape))

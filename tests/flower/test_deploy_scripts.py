@@ -77,8 +77,14 @@ def test_scripts_bring_a_registered_supernode_online(
     env = _env(FLWR_HOME=home, PORT=str(port), HOST="127.0.0.1", SUPERLINK=f"127.0.0.1:{port}")
     log = (tmp_path / "superlink.log").open("wb")
     started.append(
-        subprocess.Popen(["bash", str(DEPLOY / "superlink.sh")], cwd=tmp_path, env=env, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        subprocess.Popen(
+            ["bash", str(DEPLOY / "superlink.sh")],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     )
     deadline = time.monotonic() + 60
     connected = ""
@@ -96,8 +102,14 @@ def test_scripts_bring_a_registered_supernode_online(
                 "STATE": str(tmp_path / "state"), "CLIENTAPPIO_PORT": str(node_port)}  # fmt: skip
     node_log = (tmp_path / "supernode.log").open("wb")
     started.append(
-        subprocess.Popen(["bash", str(DEPLOY / "supernode.sh")], cwd=tmp_path, env=node_env, stdout=node_log,
-                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        subprocess.Popen(
+            ["bash", str(DEPLOY / "supernode.sh")],
+            cwd=tmp_path,
+            env=node_env,
+            stdout=node_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     )
     flwr = str(Path(sys.executable).with_name("flwr"))
     status = ""

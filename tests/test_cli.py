@@ -159,7 +159,7 @@ def test_os_errors_exit_2_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # e.g. a local data file deleted after the config was validated: opened only when data is built
-    def missing_file(cfg: RunConfig) -> dict[str, Any]:
+    def missing_file(cfg: RunConfig, **_: Any) -> dict[str, Any]:
         raise FileNotFoundError(2, "No such file or directory", "/data/reviews.jsonl")
 
     monkeypatch.setattr(fedtune.flower.sim, "simulate", missing_file)

@@ -1,4 +1,4 @@
-"""FedAvg's example-weighted mean, the default aggregator."""
+"""FedAvg's example-weighted mean, the default aggregator; equal weights as an option."""
 
 from __future__ import annotations
 
@@ -12,23 +12,41 @@ from fedtune.aggregators.base import Aggregator, ClientUpdate, GlobalUpdate
 from fedtune.aggregators.batch import Float64Array, UpdateBatch
 from fedtune.aggregators.registry import register_aggregator
 
+WEIGHTINGS = ("examples", "equal")
+
 
 @register_aggregator("weighted-mean")
 @dataclass(frozen=True, kw_only=True)
 class WeightedMean(Aggregator):
-    """Mean of the client updates weighted by ``num_examples`` (FedAvg).
+    """Mean of the client updates weighted by ``num_examples`` (FedAvg), or with equal weights.
 
     McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
     AISTATS 2017, https://arxiv.org/abs/1602.05629. Not robust: one client can move the result
     arbitrarily far, and the weights are self-reported.
+
+    Attributes
+    ----------
+    weighting:
+        ``examples`` (weight ``n_i``, FedAvg) or ``equal`` (plain mean, as the FedKSeed reference
+        code also offers: no client counts more for holding more data, and self-reported counts
+        stop mattering). Config ``aggregator.options.weighting``.
     """
+
+    weighting: str = "examples"
 
     permutation_invariant: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"weighting (aggregator.options.weighting) must be one of {', '.join(WEIGHTINGS)}; "
+                f"got {self.weighting!r}"
+            )
+
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
-        """Return ``sum_i n_i x_i / sum_i n_i`` per array, accumulated in float64."""
+        """Return ``sum_i w_i x_i / sum_i w_i`` per array (``w_i = n_i`` or 1), accumulated in float64."""
         batch = UpdateBatch(updates, aggregator=self.name, server_round=server_round)
-        weights = batch.weights()
+        weights = batch.weights() if self.weighting == "examples" else np.ones(len(batch), dtype=np.float64)
         return batch.to_global(weighted_sum(batch, weights, divisor=float(weights.sum())))
 
 

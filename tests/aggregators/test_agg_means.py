@@ -31,6 +31,23 @@ def test_weighted_mean_weights_by_num_examples() -> None:
     assert out.dtype == np.float32
 
 
+def test_weighted_mean_equal_weighting_is_the_plain_mean() -> None:
+    updates = _vec_updates([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], weights=[1, 2, 30])
+    np.testing.assert_allclose(_out(WeightedMean(weighting="equal"), updates), [1.0, 1.0], rtol=1e-7)
+
+
+def test_weighted_mean_weighting_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"aggregator\.options\.weighting.*examples, equal"):
+        WeightedMean(weighting="uniform")
+
+
+def test_weighted_mean_weighting_from_config_options() -> None:
+    from fedtune.aggregators import create_aggregator
+
+    agg = create_aggregator("weighted-mean", {"weighting": "equal"})
+    assert isinstance(agg, WeightedMean) and agg.weighting == "equal"
+
+
 def test_weighted_mean_accumulates_in_float64() -> None:
     # In float32, 1e8 + 1 == 1e8, so a float32 accumulator would return 0 instead of 1/3.
     out = _out(WeightedMean(), _vec_updates([[1e8], [1.0], [-1e8]]))

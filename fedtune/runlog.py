@@ -32,6 +32,12 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean, sort_keys=True) + "\n")
 
+    def extend(self, records: Sequence[Mapping[str, MetricValue]]) -> None:
+        """Append rows as given (no time stamp), in one write that is flushed when the file closes."""
+        if records:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(strict_json_values(r), sort_keys=True) + "\n" for r in records))
+
     def read(self) -> list[dict[str, MetricValue]]:
         return read_jsonl(self.path)
 
@@ -115,6 +121,7 @@ def plot_curves(
     panels: Sequence[tuple[str, str]] = (
         ("heldout_loss", "held-out answer loss"),
         ("rouge_l", "Rouge-L (%)"),
+        ("zeroshot_rouge_l", "zero-shot Rouge-L (%)"),
         ("heldout_accuracy", "held-out accuracy"),
         ("train_loss", "train loss (clients)"),
     ),

@@ -77,6 +77,21 @@ def test_plot_curves_writes_one_panel_per_present_metric(tmp_path: Path) -> None
     # Rouge-L NaN in every record (generations off) is no curve either: no empty panel
     no_rouge = plot_curves([{**r, "rouge_l": float("nan")} for r in RECORDS], tmp_path / "nan.png")
     assert _png_size(no_rouge)[0] == round(2 * 4.2 * 110)
+    # a run with data.heldout-groups adds the zero-shot Rouge-L panel
+    zs = plot_curves([{**r, "zeroshot_rouge_l": 5.0} for r in RECORDS], tmp_path / "zs.png")
+    assert _png_size(zs)[0] == round(4 * 4.2 * 110)
+
+
+def test_extend_appends_rows_without_a_time_stamp(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "generations.jsonl")
+    log.extend([{"round": 0, "generation": "a"}, {"round": 0, "generation": "b"}])
+    log.extend([])
+    log.extend([{"round": 1, "generation": "c"}])
+    assert log.read() == [
+        {"round": 0, "generation": "a"},
+        {"round": 0, "generation": "b"},
+        {"round": 1, "generation": "c"},
+    ]
 
 
 def test_plot_curves_custom_axis_and_panels(tmp_path: Path) -> None:

@@ -61,3 +61,32 @@ def answer_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         selected = head(hidden[:, :-1][keep])
     return F.cross_entropy(selected.float(), targets[keep], reduction="mean")
+
+
+def answer_loss_sums(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed next-token cross-entropy over its answer tokens (float32) and their count.
+
+    One forward pass gives both evaluation means: token-weighted (``sums.sum() / counts.sum()``, what
+    :func:`answer_loss` computes) and per-example (the mean of ``sums / counts``, the reference
+    FedKSeed code's), without the full-vocabulary logits where the head can be split off.
+    """
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    counts = keep.sum(dim=1)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=device)
+    if not bool(keep.any()):
+        return sums, counts
+    split = _split_head(model)
+    if split is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        selected = logits[:, :-1][keep]
+    else:
+        decoder, head = split
+        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        selected = head(hidden[:, :-1][keep])
+    losses = F.cross_entropy(selected.float(), targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]  # row of each kept position, in the (row-major) order of the mask
+    return sums.index_add_(0, rows, losses), counts

@@ -27,6 +27,7 @@ TUNE_MODES = ("all", "no-embeddings")
 CACHE_Z = ("auto", "always", "never")
 LR_SCHEDULES = ("constant", "cosine")
 SAMPLING = ("shuffle", "class-balanced")
+PROMPT_TEMPLATES = ("chat", "alpaca")  # fedtune.data.prompts.PROMPT_TEMPLATES (config stays import-light)
 SCALAR_DTYPES = ("float32", "float16")
 
 
@@ -123,6 +124,8 @@ class DataSection:
     sampling: how a client draws its local batches: ``shuffle`` (plain shuffled passes over its
     own data, as the FedKSeed paper does) or ``class-balanced`` (round-robin over labels, which
     cancels the label skew of a Dirichlet split; an explicit choice, never the default).
+    prompt_template: how prompts are formatted in training and evaluation: ``chat`` (the model's
+    chat template) or ``alpaca`` (the Stanford Alpaca template the FedKSeed paper uses).
     """
 
     task: str = "reviews"
@@ -133,9 +136,11 @@ class DataSection:
     eval_generations: int = 32
     max_new_tokens: int = 6
     sampling: str = "shuffle"
+    prompt_template: str = "chat"
 
     def __post_init__(self) -> None:
         _choice("data", "sampling", self.sampling, SAMPLING)
+        _choice("data", "prompt_template", self.prompt_template, PROMPT_TEMPLATES)
         _require(
             bool(self.task), "data.task must be reviews, qa, reviews+qa or a path to a local dataset file"
         )

@@ -2,10 +2,13 @@
 
 Prompt and answer are tokenized separately, exactly as generation sees them (the model continues
 after the formatted prompt), so the trained answer tokens are the ones greedy decoding produces.
+``template`` (``data.prompt-template``) picks how a prompt is formatted: ``chat`` (the model's
+chat template) or ``alpaca`` (:mod:`fedtune.data.prompts`); training and evaluation pass the same.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -14,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.data.batch import TokenBatch
+from fedtune.data.prompts import PROMPT_TEMPLATES, alpaca_text, chat_messages, prompt_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,28 +31,46 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # HF causal-LM convention: positions the loss skips
+log = logging.getLogger(__name__)
 
 
 def _has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The text the model sees before its answer: the chat template when there is one."""
+def _check_template(template: str) -> None:
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template must be one of {', '.join(PROMPT_TEMPLATES)}; got {template!r}")
+
+
+def _uses_chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> bool:
+    return template == "chat" and _has_chat_template(tokenizer)
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, template: str = "chat") -> str:
+    """The text the model sees before its answer.
+
+    ``chat``: the chat template when the tokenizer has one (a conversation's turns as they are),
+    else the plain prompt and a newline. ``alpaca``: the Stanford Alpaca template.
+    """
+    _check_template(template)
+    if template == "alpaca":
+        return alpaca_text(prompt)
     if _has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            chat_messages(prompt), add_generation_prompt=True, tokenize=False
         )
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
         return text
-    return f"{prompt}\n"
+    return f"{prompt_text(prompt)}\n"
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    texts = [format_prompt(tokenizer, p) for p in prompts]
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], template: str) -> list[list[int]]:
+    texts = [format_prompt(tokenizer, p, template=template) for p in prompts]
     # A chat template already spells out its special tokens; plain prompts get the tokenizer's BOS.
-    ids: list[list[int]] = tokenizer(texts, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"]
+    special = not _uses_chat_template(tokenizer, template)
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=special)["input_ids"]
     return ids
 
 
@@ -71,28 +93,38 @@ def _check_batch_args(prompts: Sequence[str], max_length: int) -> None:
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_length: int,
+    template: str = "chat",
 ) -> TokenBatch:
     """Tokenize (prompt, answer + EOS) pairs into a right-padded :class:`TokenBatch`.
 
     Labels are -100 on prompt and padding, so the loss covers only the answer (and the EOS that
     teaches the model to stop). Over-long examples lose prompt tokens from the left: the answer
-    is the training signal and must survive; only an answer alone longer than ``max_length``
-    is an error.
+    is the training signal and must survive; an answer alone longer than ``max_length`` keeps
+    its first ``max_length - 1`` tokens and EOS (see :func:`assemble_batch`).
     """
     _check_batch_args(prompts, max_length)
     if isinstance(answers, str) or len(answers) != len(prompts):
         raise ValueError(f"Need one answer per prompt; got {len(prompts)} prompts and {len(answers)} answers")
-    prompt_ids, answer_ids = tokenize_pairs(tokenizer, prompts, answers)
+    prompt_ids, answer_ids = tokenize_pairs(tokenizer, prompts, answers, template=template)
     return assemble_batch(tokenizer, prompt_ids, answer_ids, max_length=max_length)
 
 
 def tokenize_pairs(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    template: str = "chat",
 ) -> tuple[list[list[int]], list[list[int]]]:
     """The token ids of formatted prompts and of answers (no EOS yet): what a node caches on disk."""
+    _check_template(template)
     answer_ids: list[list[int]] = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
-    return _prompt_ids(tokenizer, prompts), answer_ids
+    return _prompt_ids(tokenizer, prompts, template), answer_ids
 
 
 def assemble_batch(
@@ -101,8 +133,15 @@ def assemble_batch(
     answer_ids: Sequence[Sequence[int]],
     *,
     max_length: int,
+    log_truncated: bool = True,
 ) -> TokenBatch:
-    """Right-padded batch from :func:`tokenize_pairs` ids: EOS appended, prompts cut from the left."""
+    """Right-padded batch from :func:`tokenize_pairs` ids: EOS appended, prompts cut from the left.
+
+    An answer that does not fit with its EOS keeps its first ``max_length - 1`` tokens plus EOS
+    and loses its whole prompt, as the reference code truncates: one long answer must not fail a
+    client's round. The count is logged per batch unless ``log_truncated`` is False (a caller
+    that logs it once per node, :meth:`fedtune.data.node.NodeData.batches`).
+    """
     if not prompt_ids or len(prompt_ids) != len(answer_ids):
         raise ValueError(
             f"Need one answer per prompt; got {len(prompt_ids)} prompts and {len(answer_ids)} answers"
@@ -112,15 +151,24 @@ def assemble_batch(
     eos_id = _special_id(tokenizer, "eos")
     pad_id = _special_id(tokenizer, "pad")
     rows: list[tuple[list[int], list[int]]] = []
-    for i, (p_ids, a) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+    truncated = 0
+    for p_ids, a in zip(prompt_ids, answer_ids, strict=True):
+        if len(a) >= max_length:
+            truncated += 1
+            rows.append(([], [*a[: max_length - 1], eos_id]))
+            continue
         a_ids = [*a, eos_id]
-        if len(a_ids) > max_length:
-            raise ValueError(
-                f"Example {i}: the answer is {len(a_ids)} tokens with EOS, more than "
-                f"max_length={max_length}; raise max_length or filter long answers"
-            )
         keep = max_length - len(a_ids)
         rows.append((list(p_ids[len(p_ids) - keep :] if keep < len(p_ids) else p_ids), a_ids))
+    if truncated and log_truncated:
+        log.warning(
+            "%d of %d answers are longer than model.max-length=%d tokens with EOS; kept their first %d "
+            "tokens and EOS, without the prompt (raise model.max-length to keep them whole)",
+            truncated,
+            len(rows),
+            max_length,
+            max_length - 1,
+        )
 
     length = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -153,12 +201,13 @@ class PromptBatch:
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_length: int, template: str = "chat"
 ) -> PromptBatch:
     """Tokenize formatted prompts, left-padded; over-long prompts keep their last ``max_length`` tokens."""
     _check_batch_args(prompts, max_length)
+    _check_template(template)
     pad_id = _special_id(tokenizer, "pad")
-    ids = [p[-max_length:] for p in _prompt_ids(tokenizer, prompts)]
+    ids = [p[-max_length:] for p in _prompt_ids(tokenizer, prompts, template)]
     length = max(len(p) for p in ids)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
@@ -177,6 +226,7 @@ def generate_answers(
     max_new_tokens: int,
     max_length: int,
     batch_size: int = 16,
+    template: str = "chat",
 ) -> list[str]:
     """Greedy answers, one per prompt, decoded without special tokens and stripped.
 
@@ -197,7 +247,9 @@ def generate_answers(
     try:
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
-                batch = encode_prompts(tokenizer, prompts[start : start + batch_size], max_length=max_length)
+                batch = encode_prompts(
+                    tokenizer, prompts[start : start + batch_size], max_length=max_length, template=template
+                )
                 batch = batch.to(device)
                 out = generate(
                     input_ids=batch.input_ids,

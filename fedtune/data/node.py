@@ -5,18 +5,23 @@ passes (the FedKSeed paper's sampling) unless ``class-balanced`` is asked for ex
 are assembled from ids tokenized once per tokenizer with the evaluator's collation.
 
 Given a ``token_dir`` and a ``source_key`` (what the examples are made from), the ids are kept on
-disk (:mod:`fedtune.data.tokens`). The examples themselves may then come from a ``loader`` that
-runs only when the ids are not cached. So a fresh process per round (a deployment) neither
-imports ``datasets`` nor re-reads its task file once the first round has written the cache.
+disk (:mod:`fedtune.data.tokens`), keyed also by the prompt template (``data.prompt-template``),
+so a template change never reuses ids formatted with another. The examples themselves may then
+come from a ``loader`` that runs only when the ids are not cached. So a fresh process per round
+(a deployment) neither imports ``datasets`` nor re-reads its task file once the first round has
+written the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fedtune.data.sampler import BatchSampler
 from fedtune.data.tokens import TokenizedExamples, tokenizer_key
@@ -27,6 +32,7 @@ if TYPE_CHECKING:  # a node's process imports these when it first builds batches
 
     from fedtune.data.batch import TokenBatch
 
+log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("prompt", "answer")
 SAMPLING_MODES = ("shuffle", "class-balanced")
 
@@ -89,9 +95,10 @@ class NodeData:
             return len(next(iter(self._tokens.values())))
         return len(self.examples)
 
-    def tokenized(self, tokenizer: PreTrainedTokenizerBase) -> TokenizedExamples:
-        """Every example's prompt and answer ids for ``tokenizer``: memory, then disk, then a pass."""
-        key = tokenizer_key(tokenizer)
+    def tokenized(self, tokenizer: PreTrainedTokenizerBase, *, template: str = "chat") -> TokenizedExamples:
+        """Every example's prompt and answer ids for ``tokenizer`` and prompt ``template``: memory,
+        then disk, then a pass."""
+        key = f"{tokenizer_key(tokenizer)}\0{template}"
         cached = self._tokens.get(key)
         if cached is not None:
             return cached
@@ -104,7 +111,9 @@ class NodeData:
             from fedtune.data.collate import tokenize_pairs
 
             ex = self.examples
-            prompt_ids, answer_ids = tokenize_pairs(tokenizer, list(ex["prompt"]), list(ex["answer"]))
+            prompt_ids, answer_ids = tokenize_pairs(
+                tokenizer, list(ex["prompt"]), list(ex["answer"]), template=template
+            )
             labels = [str(v) for v in ex["label"]] if "label" in ex.column_names else None
             cached = TokenizedExamples.build(prompt_ids, answer_ids, labels)
             if path is not None:
@@ -119,16 +128,29 @@ class NodeData:
         batch_size: int,
         max_length: int,
         key: Sequence[int],
+        template: str = "chat",
     ) -> Callable[[int], TokenBatch]:
         """``step -> TokenBatch``: an endless, reproducible stream keyed by ``key``.
 
         ``key`` is (run seed, round, partition id, ...), so every node and round draws its own
-        order and a rerun draws the same one. Batches are capped at the node's size.
+        order and a rerun draws the same one. Batches are capped at the node's size. Answers too
+        long for ``max_length`` are truncated (:func:`~fedtune.data.collate.assemble_batch`),
+        counted once here rather than per batch.
         """
         from fedtune.data.collate import assemble_batch
 
-        tokens = self.tokenized(tokenizer)
+        tokens = self.tokenized(tokenizer, template=template)
         n = len(tokens)
+        truncated = int(np.count_nonzero(np.diff(tokens.answer_offsets) >= max_length))
+        if truncated:
+            log.warning(
+                "%d of this node's %d answers are longer than model.max-length=%d tokens with EOS; "
+                "their batches keep the first %d answer tokens and EOS, without the prompt",
+                truncated,
+                n,
+                max_length,
+                max_length - 1,
+            )
         labels = list(tokens.labels or ()) if self.sampling == "class-balanced" else None
         sampler = BatchSampler(num_examples=n, batch_size=min(batch_size, n), key=key, labels=labels)
 
@@ -139,6 +161,7 @@ class NodeData:
                 [tokens.prompt(i) for i in idx],
                 [tokens.answer(i) for i in idx],
                 max_length=max_length,
+                log_truncated=False,
             )
 
         return batch_for_step

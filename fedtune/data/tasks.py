@@ -83,27 +83,20 @@ def qa_task(
 
 
 def local_task(path: str | Path) -> datasets.Dataset:
-    """A task from a local file with columns (prompt, answer) or (instruction, response).
+    """A task from a local file in any layout of :data:`fedtune.data.formats.FORMATS`.
 
-    Optional ``label`` and ``group`` columns are kept (as strings); missing ones default to "".
+    (prompt, answer); chat ``messages`` (the last assistant turn is the answer, the turns before
+    it the prompt); Alpaca (instruction, input, output) and Dolly (instruction, context,
+    response), whose input or context stays part of the prompt; (instruction, response).
+    Optional ``label`` and ``group`` columns are kept (as strings), else a ``category`` column
+    fills both (Dolly's, so it can be held out), else "". Empty or whitespace-only rows are
+    dropped with a logged count.
     """
+    from fedtune.data.formats import read_rows
+
     raw = load_local_dataset(path)
-    cols = set(raw.column_names)
-    if {"prompt", "answer"} <= cols:
-        prompt_col, answer_col = "prompt", "answer"
-    elif {"instruction", "response"} <= cols:
-        prompt_col, answer_col = "instruction", "response"
-    else:
-        raise ValueError(
-            f"{path}: a task file needs columns (prompt, answer) or (instruction, response), optionally "
-            f"label and group; found {sorted(cols)}"
-        )
-    n = len(raw)
-
-    def column(name: str) -> list[str]:
-        return [str(v) if v is not None else "" for v in raw[name]] if name in cols else [""] * n
-
-    return _task_dataset(column(prompt_col), column(answer_col), column("label"), column("group"))
+    columns = {name: raw[name] for name in raw.column_names}
+    return _task_dataset(*read_rows(columns, len(raw), source=str(path)))
 
 
 def build_task(name: str, *, max_examples: int | None = None, seed: int = 0) -> datasets.Dataset:

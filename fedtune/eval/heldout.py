@@ -60,6 +60,7 @@ class HeldoutEvaluator:
         num_generations: int,
         max_new_tokens: int,
         batch_size: int = 16,
+        prompt_template: str = "chat",
     ) -> None:
         if len(heldout) == 0:
             raise ValueError("the held-out split is empty; raise data.heldout_size")
@@ -69,13 +70,18 @@ class HeldoutEvaluator:
         prompts, answers = list(heldout["prompt"]), list(heldout["answer"])
         self.batches: list[TokenBatch] = [
             encode_examples(
-                tokenizer, prompts[i : i + batch_size], answers[i : i + batch_size], max_length=max_length
+                tokenizer,
+                prompts[i : i + batch_size],
+                answers[i : i + batch_size],
+                max_length=max_length,
+                template=prompt_template,
             )
             for i in range(0, len(prompts), batch_size)
         ]
         self.gen_prompts = prompts[:num_generations]
         self.gen_refs = answers[:num_generations]
         self.batch_size = batch_size
+        self.prompt_template = prompt_template  # data.prompt-template: as the clients format prompts
 
     @classmethod
     def for_run(
@@ -87,6 +93,7 @@ class HeldoutEvaluator:
             heldout,
             max_length=cfg.model.max_length,
             num_generations=cfg.data.eval_generations,
+            prompt_template=cfg.data.prompt_template,
             max_new_tokens=cfg.data.max_new_tokens,
         )
 
@@ -111,6 +118,7 @@ class HeldoutEvaluator:
                 max_new_tokens=self.max_new_tokens,
                 max_length=self.max_length,
                 batch_size=self.batch_size,
+                template=self.prompt_template,
             )
             rl = rouge_l(preds, self.gen_refs)
             em = sum(

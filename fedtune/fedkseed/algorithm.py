@@ -73,6 +73,7 @@ class FedKSeedNode(ClientAlgorithm):
                 batch_size=sync.batch_size,
                 max_length=cfg.model.max_length,
                 key=(cfg.run.seed, sync.server_round, node.partition_id),
+                template=cfg.data.prompt_template,
             )
         try:
             reply, new_view = client.train_round(

@@ -92,7 +92,11 @@ class LoRANode(ClientAlgorithm):
         load_adapter_arrays(model, sync.arrays)
         key = (cfg.run.seed, sync.server_round, node.partition_id)
         batches = node.data.batches(
-            tokenizer, batch_size=cfg.lora.batch_size, max_length=cfg.model.max_length, key=key
+            tokenizer,
+            batch_size=cfg.lora.batch_size,
+            max_length=cfg.model.max_length,
+            key=key,
+            template=cfg.data.prompt_template,
         )
         result = train_local(
             model, batch_for_step=batches, steps=cfg.lora.local_steps, lr=cfg.lora.lr, key=key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,9 +64,18 @@ def test_long_prompt_is_cut_from_the_left(smollm_tokenizer: PreTrainedTokenizerB
     assert "assistant" in smollm_tokenizer.decode(batch.input_ids[0])  # the prompt's tail survives
 
 
-def test_answer_longer_than_max_length_is_an_error(smollm_tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(ValueError, match="max_length"):
-        encode_examples(smollm_tokenizer, ["q"], ["a long answer " * 20], max_length=10)
+def test_a_long_answer_is_truncated_with_a_logged_count(
+    smollm_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = "a long answer " * 20
+    with caplog.at_level(logging.WARNING, logger="fedtune.data.collate"):
+        batch = encode_examples(smollm_tokenizer, ["q", "p"], [long, "ok"], max_length=10)
+    assert batch.input_ids.shape == (2, 10)
+    row = batch.labels[0]
+    assert bool((row != IGNORE_INDEX).all())  # the prompt is dropped: every position is answer
+    want = [*smollm_tokenizer(long, add_special_tokens=False)["input_ids"][:9], smollm_tokenizer.eos_token_id]
+    assert row.tolist() == want
+    assert "1 of 2 answers are longer than model.max-length=10" in caplog.text
 
 
 def test_encode_examples_validates(smollm_tokenizer: PreTrainedTokenizerBase) -> None:

@@ -145,7 +145,9 @@ def test_call_scores_generations_with_rouge_and_first_word_match(
     ev = _evaluator(smollm_tokenizer, num_generations=4, max_new_tokens=5)
     result = ev(tiny_lm)
 
-    assert calls == [{"prompts": PROMPTS[:4], "max_new_tokens": 5, "max_length": 64, "batch_size": 2}]
+    assert calls == [
+        {"prompts": PROMPTS[:4], "max_new_tokens": 5, "max_length": 64, "batch_size": 2, "template": "chat"}
+    ]
     # refs: "positive", "My name is ...", "the cat sat on the mat", "negative"
     # Rouge-L: 100, 0, 66.67 (see above), 0 (empty prediction)
     assert result.rouge_l == pytest.approx((100.0 + 0.0 + 200.0 / 3.0 + 0.0) / 4.0)

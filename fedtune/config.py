@@ -121,6 +121,10 @@ class DataSection:
     concentration ``alpha``) or group (by movie/category). max_train_examples caps the training pool
     (0 = no cap). heldout_size: server-side held-out examples for answer loss. eval_generations:
     how many held-out prompts are generated greedily for Rouge-L, with at most max_new_tokens.
+    heldout_groups: comma-separated ``group`` values (QA/Dolly categories, tasks) held out for
+    zero-shot evaluation ("" = none): their rows never reach a client, and up to heldout_size of
+    them form the zero-shot split, scored like the held-out split but with up to
+    zeroshot_max_new_tokens new tokens (128, the FedKSeed protocol for open generation).
     sampling: how a client draws its local batches: ``shuffle`` (plain shuffled passes over its
     own data, as the FedKSeed paper does) or ``class-balanced`` (round-robin over labels, which
     cancels the label skew of a Dirichlet split; an explicit choice, never the default).
@@ -137,10 +141,26 @@ class DataSection:
     max_new_tokens: int = 6
     sampling: str = "shuffle"
     prompt_template: str = "chat"
+    heldout_groups: str = ""
+    zeroshot_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
         _choice("data", "sampling", self.sampling, SAMPLING)
         _choice("data", "prompt_template", self.prompt_template, PROMPT_TEMPLATES)
+        names = [g.strip() for g in self.heldout_groups.split(",")] if self.heldout_groups.strip() else []
+        _require(
+            all(names),
+            f"data.heldout_groups = {self.heldout_groups!r} has an empty group name; "
+            "write comma-separated names, e.g. 'history,science'",
+        )
+        _require(
+            len(set(names)) == len(names),
+            f"data.heldout_groups = {self.heldout_groups!r} names a group twice; list each once",
+        )
+        _require(
+            1 <= self.zeroshot_max_new_tokens <= 2048,
+            "data.zeroshot_max_new_tokens must be between 1 and 2048",
+        )
         _require(
             bool(self.task), "data.task must be reviews, qa, reviews+qa or a path to a local dataset file"
         )
@@ -153,6 +173,13 @@ class DataSection:
             "data.eval_generations must be between 0 and data.heldout_size",
         )
         _require(1 <= self.max_new_tokens <= 512, "data.max_new_tokens must be between 1 and 512")
+
+    @property
+    def heldout_group_names(self) -> tuple[str, ...]:
+        """The groups of :attr:`heldout_groups`, stripped, in the order given."""
+        if not self.heldout_groups.strip():
+            return ()
+        return tuple(g.strip() for g in self.heldout_groups.split(","))
 
 
 @dataclass(frozen=True)

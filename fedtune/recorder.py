@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,8 @@ def _numbers(records: list[dict[str, MetricValue]], key: str) -> list[float]:
 
 @dataclass
 class RunRecorder:
-    """Writes one JSONL record per round (plus round 0, the untuned model) and the plots."""
+    """Writes one JSONL record per round (plus round 0, the untuned model), the plots, and each
+    evaluated round's greedy generations (``generations.jsonl``: what the model now answers)."""
 
     run_dir: Path
     cfg: RunConfig
@@ -54,6 +55,7 @@ class RunRecorder:
 
     def __post_init__(self) -> None:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.generations = MetricsLog(self.run_dir / "generations.jsonl")
         if not self.resume and self.metrics.path.exists():
             raise ValueError(f"{self.metrics.path} exists; resume that run or pick a new run folder")
         self._t0 = time.perf_counter()
@@ -64,6 +66,11 @@ class RunRecorder:
         rows = [r for r in self.metrics.read() if isinstance(n := r.get("round"), int) and n <= up_to_round]
         self.metrics.rewrite(rows)
         self.records = rows
+        # Generations of rounds after the checkpoint are written again when those rounds rerun.
+        gens = self.generations.read()
+        kept = [r for r in gens if isinstance(n := r.get("round"), int) and n <= up_to_round]
+        if len(kept) != len(gens):
+            self.generations.rewrite(kept)
         last = rows[-1].get("elapsed_s") if rows else 0.0
         self._offset = float(last) if isinstance(last, int | float) else 0.0
 
@@ -71,6 +78,22 @@ class RunRecorder:
         """A progress line on the console (not in metrics.jsonl), printed once."""
         if not self.quiet:
             console.print(f"[dim]{time.strftime('%H:%M:%S')}  {text}[/dim]")
+
+    def record_generations(
+        self,
+        server_round: int,
+        split: str,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        generations: Sequence[str],
+    ) -> None:
+        """Append one ``generations.jsonl`` row per greedy generation of ``split`` at ``server_round``."""
+        self.generations.extend(
+            [
+                {"round": server_round, "split": split, "prompt": p, "reference": r, "generation": g}
+                for p, r, g in zip(prompts, references, generations, strict=True)
+            ]
+        )
 
     def record(self, values: Mapping[str, MetricValue]) -> None:
         rec = dict(values)
@@ -95,6 +118,8 @@ class RunRecorder:
             if "heldout_accuracy" in rec
             else f"Rouge-L {fmt('rouge_l', '.2f')}  EM {fmt('exact_match', '.3f')}  "
         )
+        if "zeroshot_rouge_l" in rec:
+            quality += f"zero-shot Rouge-L {fmt('zeroshot_rouge_l', '.2f')}  "
         return (
             f"[bold]round {rec.get('round')}/{self.cfg.federation.num_rounds}[/bold]  "
             f"train {fmt('train_loss', '.4f')}  held-out {fmt('heldout_loss', '.4f')}  {quality}"
@@ -115,6 +140,9 @@ class RunRecorder:
             first, last = evaluated[0], evaluated[-1]
             keys = ["heldout_loss", "rouge_l", "exact_match"]
             keys += ["heldout_accuracy"] if "heldout_accuracy" in last else []
+            keys += [
+                k for k in ("heldout_loss_per_example", "zeroshot_loss", "zeroshot_rouge_l") if k in last
+            ]
             for key in keys:
                 summary[f"initial_{key}"] = first.get(key)
                 summary[f"final_{key}"] = last.get(key)

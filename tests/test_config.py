@@ -109,6 +109,12 @@ def test_flat_overrides_like_flower_run_config() -> None:
         ({"federation.node-wait-s": -1.0}, "federation.node_wait_s must be >= 0"),
         ({"federation.max-failed-rounds": 0}, "federation.max_failed_rounds must be >= 1"),
         ({"fedkseed.rebuild-each-round": "yes"}, "must be of type bool"),
+        (
+            {"data.heldout-groups": "history,,science"},
+            "data.heldout_groups = 'history,,science' has an empty",
+        ),
+        ({"data.heldout-groups": "history, history"}, "names a group twice"),
+        ({"data.zeroshot-max-new-tokens": 0}, "data.zeroshot_max_new_tokens must be between 1 and 2048"),
         # options tables hold scalars only: a list, or a nested table (flattened to a dotted key)
         ({"aggregator.options.weights": [1, 2]}, "aggregator.options.weights must be a bool, int, float"),
         ({"algorithm.options.sub.x": 1}, "algorithm.options key 'sub.x' must be kebab-case"),
@@ -208,3 +214,10 @@ def test_option_values_that_are_tables_or_lists_are_refused(tmp_path: Path) -> N
         AlgorithmSection(options=(("inner", {"x": 1}),))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keys must be unique"):
         AlgorithmSection(options=(("b", 1), ("a", 2)))
+
+
+def test_heldout_groups_are_a_comma_separated_scalar() -> None:
+    assert RunConfig().data.heldout_group_names == ()
+    cfg = RunConfig.from_flat({"data.heldout-groups": " history, AI "})
+    assert cfg.data.heldout_group_names == ("history", "AI")
+    assert cfg.to_flat()["data.heldout-groups"] == " history, AI "  # a scalar: Flower's run config carries it

@@ -113,3 +113,44 @@ def test_the_build_is_cached_per_data_section(task_file: Path) -> None:
     assert build_federated_data_from(
         cfg.data, cfg.federation.num_clients, cfg.run.seed
     ) is build_federated_data(cfg)
+
+
+# -- zero-shot groups (data.heldout-groups) ------------------------------------------------------
+def test_heldout_groups_never_reach_a_client_and_form_the_zeroshot_split(task_file: Path) -> None:
+    cfg = _cfg(task_file, **{"data.heldout-groups": "g1,g3", "data.max-train-examples": 0})
+    data = build_federated_data(cfg)
+    assert data.zeroshot is not None
+    # g1 and g3 hold 12 of 30 rows; the zero-shot split is cut to data.heldout-size (6)
+    assert len(data.zeroshot) == 6 and set(data.zeroshot["group"]) <= {"g1", "g3"}
+    train = [g for p in data.train_partitions for g in p["group"]]
+    assert len(train) == 30 - 12 - 6 and not {"g1", "g3"} & set(train)
+    assert not {"g1", "g3"} & set(data.heldout["group"]) and len(data.heldout) == 6
+    # a client rebuilds its partition from the same inputs (fedtune.runtime.node._partition)
+    build_federated_data_from.cache_clear()
+    again = build_federated_data_from(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+    assert [list(p["prompt"]) for p in again.train_partitions] == [
+        list(p["prompt"]) for p in data.train_partitions
+    ]
+    assert again.zeroshot is not None and list(again.zeroshot["prompt"]) == list(data.zeroshot["prompt"])
+
+
+def test_no_heldout_groups_no_zeroshot_split(task_file: Path) -> None:
+    assert build_federated_data(_cfg(task_file)).zeroshot is None
+
+
+def test_unknown_heldout_group_lists_the_groups_present(task_file: Path) -> None:
+    with pytest.raises(ValueError, match=r"'nope', not a group of this task; its groups are 'g0', 'g1'"):
+        build_federated_data(_cfg(task_file, **{"data.heldout-groups": "g1,nope"}))
+
+
+def test_holding_out_every_group_is_refused(task_file: Path) -> None:
+    with pytest.raises(ValueError, match="holds out every row"):
+        build_federated_data(_cfg(task_file, **{"data.heldout-groups": "g0,g1,g2,g3,g4"}))
+
+
+def test_qa_category_held_out(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat({"data.task": "qa", "data.heldout-groups": "history", "data.heldout-size": 64})
+    data = build_federated_data(cfg)
+    assert data.zeroshot is not None and set(data.zeroshot["group"]) == {"history"}
+    assert len(data.zeroshot) == 8  # every history row: fewer than data.heldout-size
+    assert all("history" not in set(p["group"]) for p in data.train_partitions)

@@ -23,6 +23,7 @@ __all__ = [
     "local_task",
     "qa_task",
     "reviews_task",
+    "split_groups",
     "split_heldout",
 ]
 
@@ -170,3 +171,28 @@ def _split(ds: datasets.Dataset, *, heldout_size: int, seed: int, stratify: bool
             )
     parts = ds.train_test_split(test_size=heldout_size, seed=seed)
     return TaskSplit(train=parts["train"], heldout=parts["test"])
+
+
+def split_groups(ds: datasets.Dataset, groups: Sequence[str]) -> TaskSplit:
+    """Rows whose ``group`` is in ``groups`` (held out whole, for zero-shot evaluation) and the rest.
+
+    Row order is kept on both sides, so the split is as deterministic as ``ds``. A group absent from
+    ``ds`` is a ValueError listing the groups present (a typo must not silently hold out nothing).
+    """
+    wanted = set(groups)
+    column = list(ds["group"])
+    present = set(column)
+    missing = sorted(wanted - present)
+    if missing:
+        shown = ", ".join(repr(g) for g in sorted(present)[:40]) + (" ..." if len(present) > 40 else "")
+        raise ValueError(
+            f"data.heldout-groups names {', '.join(map(repr, missing))}, not a group of this task; "
+            f"its groups are {shown}"
+        )
+    held = [i for i, g in enumerate(column) if g in wanted]
+    if len(held) == len(ds):
+        raise ValueError("data.heldout-groups holds out every row of the task; leave some groups to train on")
+    held_set = set(held)
+    with quiet_datasets():
+        rest = ds.select([i for i in range(len(ds)) if i not in held_set])
+        return TaskSplit(train=rest.flatten_indices(), heldout=ds.select(held).flatten_indices())

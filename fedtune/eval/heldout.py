@@ -13,20 +13,25 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.config import RunConfig
 from fedtune.data.batch import TokenBatch
 from fedtune.data.collate import encode_examples, generate_answers
-from fedtune.zo.loss import answer_loss
+from fedtune.zo.loss import answer_loss_sums
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """heldout_loss: token-weighted mean cross-entropy on answer tokens. rouge_l: mean Rouge-L F1
-    (0-100) of greedy generations against the reference answers. exact_match: fraction of
-    generations whose first word equals the reference's first word (meaningful for label tasks)."""
+    """heldout_loss: token-weighted mean cross-entropy on answer tokens (long answers weigh more; the
+    figure fedtune has always reported). heldout_loss_per_example: the mean over examples of each
+    example's mean answer-token loss (every example weighs the same; the reference FedKSeed code's).
+    rouge_l: mean Rouge-L F1 (0-100) of greedy generations against the reference answers.
+    exact_match: fraction of generations whose first word equals the reference's first word
+    (meaningful for label tasks). generations: the greedy answers, one per ``gen_prompts`` entry."""
 
     heldout_loss: float
+    heldout_loss_per_example: float
     rouge_l: float
     exact_match: float
     num_loss_examples: int
     num_generations: int
+    generations: tuple[str, ...] = ()
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -85,31 +90,44 @@ class HeldoutEvaluator:
 
     @classmethod
     def for_run(
-        cls, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: RunConfig
+        cls, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: RunConfig, *, zeroshot: bool = False
     ) -> HeldoutEvaluator:
-        """The evaluator every algorithm of a run uses, so their figures are comparable."""
+        """The evaluator every algorithm of a run uses, so their figures are comparable.
+
+        ``zeroshot``: for the zero-shot split (open generation: ``data.zeroshot-max-new-tokens``).
+        """
         return cls(
             tokenizer,
             heldout,
             max_length=cfg.model.max_length,
             num_generations=cfg.data.eval_generations,
             prompt_template=cfg.data.prompt_template,
-            max_new_tokens=cfg.data.max_new_tokens,
+            max_new_tokens=cfg.data.zeroshot_max_new_tokens if zeroshot else cfg.data.max_new_tokens,
         )
 
-    @torch.inference_mode()
     def loss(self, model: torch.nn.Module) -> float:
+        """The token-weighted mean answer loss."""
+        return self.losses(model)[0]
+
+    @torch.inference_mode()
+    def losses(self, model: torch.nn.Module) -> tuple[float, float]:
+        """(token-weighted, per-example) mean answer loss; examples with no answer token are left out."""
         model.train(False)
         device = next(model.parameters()).device
         total, tokens = 0.0, 0
+        example_means: list[float] = []
         for batch in self.batches:
-            n = batch.num_answer_tokens
-            total += float(answer_loss(model, batch.to(device))) * n
-            tokens += n
-        return total / max(tokens, 1)
+            sums, counts = answer_loss_sums(model, batch.to(device))
+            total += float(sums.sum())
+            tokens += int(counts.sum())
+            example_means += [
+                float(s) / int(c) for s, c in zip(sums.tolist(), counts.tolist(), strict=True) if c > 0
+            ]
+        return total / max(tokens, 1), sum(example_means) / max(len(example_means), 1)
 
     def __call__(self, model: torch.nn.Module) -> EvalResult:
-        loss = self.loss(model)
+        loss, loss_per_example = self.losses(model)
+        preds: list[str] = []
         if self.gen_prompts:
             preds = generate_answers(
                 model,  # type: ignore[arg-type]
@@ -128,8 +146,10 @@ class HeldoutEvaluator:
             rl, em = float("nan"), float("nan")
         return EvalResult(
             heldout_loss=loss,
+            heldout_loss_per_example=loss_per_example,
             rouge_l=rl,
             exact_match=em,
             num_loss_examples=sum(int(b.input_ids.shape[0]) for b in self.batches),
             num_generations=len(self.gen_prompts),
+            generations=tuple(preds),
         )

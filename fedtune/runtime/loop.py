@@ -102,6 +102,7 @@ class RunLoop:
         )
         self.stop_after = stop_after  # tests: stop (as if killed) after this round's checkpoint
         self._evaluator: HeldoutEvaluator | None = None
+        self._zeroshot: HeldoutEvaluator | None = None
         self.run_key = ""
         self.failed_streak = 0
         self.stop_reason = ""
@@ -120,9 +121,9 @@ class RunLoop:
             )
 
     # -- evaluation ----------------------------------------------------------------------------
-    def _evaluate(self) -> dict[str, MetricValue]:
+    def _evaluate(self, server_round: int) -> dict[str, MetricValue]:
         em = self.setup.server.eval_model()
-        if em is None:
+        if em is None:  # the algorithm evaluates itself (e.g. SAP), on the in-distribution split only
             heldout = build_federated_data(self.cfg).heldout
             self.recorder.note("evaluating on the held-out split")
             return dict(self.setup.server.evaluate(heldout))
@@ -130,18 +131,40 @@ class RunLoop:
             self.recorder.note("building the held-out split and evaluator")
             from fedtune.eval import HeldoutEvaluator
 
-            self._evaluator = HeldoutEvaluator.for_run(
-                em.tokenizer, build_federated_data(self.cfg).heldout, self.cfg
-            )
+            data = build_federated_data(self.cfg)
+            self._evaluator = HeldoutEvaluator.for_run(em.tokenizer, data.heldout, self.cfg)
+            if data.zeroshot is not None:
+                self._zeroshot = HeldoutEvaluator.for_run(
+                    em.tokenizer, data.zeroshot, self.cfg, zeroshot=True
+                )
         self.recorder.note("evaluating on the held-out split")
         t0 = time.perf_counter()
         res = self._evaluator(em.model)
-        return {
+        row: dict[str, MetricValue] = {
             "heldout_loss": res.heldout_loss,
+            "heldout_loss_per_example": res.heldout_loss_per_example,
             "rouge_l": res.rouge_l,
             "exact_match": res.exact_match,
-            "eval_s": round(time.perf_counter() - t0, 3),
         }
+        self.recorder.record_generations(
+            server_round, "heldout", self._evaluator.gen_prompts, self._evaluator.gen_refs, res.generations
+        )
+        if self._zeroshot is not None:
+            self.recorder.note("evaluating on the zero-shot split (data.heldout-groups)")
+            zs = self._zeroshot(em.model)
+            row.update(
+                {
+                    "zeroshot_loss": zs.heldout_loss,
+                    "zeroshot_loss_per_example": zs.heldout_loss_per_example,
+                    "zeroshot_rouge_l": zs.rouge_l,
+                    "zeroshot_exact_match": zs.exact_match,
+                }
+            )
+            self.recorder.record_generations(
+                server_round, "zeroshot", self._zeroshot.gen_prompts, self._zeroshot.gen_refs, zs.generations
+            )
+        row["eval_s"] = round(time.perf_counter() - t0, 3)
+        return row
 
     # -- checkpoint ----------------------------------------------------------------------------
     def _save(self, server_round: int) -> None:
@@ -195,7 +218,7 @@ class RunLoop:
         row["round_s"] = round(time.perf_counter() - t0, 3)
         if outcome.applied:
             self.failed_streak = 0
-            row.update(self._evaluate())
+            row.update(self._evaluate(server_round))
         else:
             self.failed_streak += 1
             log.error("round %d skipped: %s", server_round, outcome.note)
@@ -247,7 +270,7 @@ class RunLoop:
         else:
             self.run_key = uuid.uuid4().hex  # fixed length: message sizes do not depend on it
             self.recorder.note(f"{server.describe()}; run folder {self.run_dir}")
-            self.recorder.record({"round": 0, **self._evaluate()})
+            self.recorder.record({"round": 0, **self._evaluate(0)})
             self._save(0)
             start = 1
         stopped = False

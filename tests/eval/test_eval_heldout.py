@@ -15,7 +15,7 @@ import fedtune.eval.heldout as heldout_mod
 from fedtune.config import RunConfig
 from fedtune.data.collate import encode_examples, generate_answers
 from fedtune.eval.heldout import HeldoutEvaluator, _first_word, rouge_l
-from fedtune.zo.loss import answer_loss
+from fedtune.zo.loss import answer_loss, answer_loss_sums
 
 # Answers of very different token lengths, so a token-weighted mean differs from a per-batch mean.
 PROMPTS = [
@@ -131,6 +131,43 @@ def test_loss_is_the_token_weighted_mean_over_examples(
     assert not tiny_lm.training
 
 
+def test_per_example_and_per_token_loss_differ_as_defined(
+    tiny_lm: LlamaForCausalLM, smollm_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # Hand-made: each example's mean loss from HF alone; the two means weigh them differently.
+    means, counts = [], []
+    with torch.inference_mode():
+        for prompt, answer in zip(PROMPTS, ANSWERS, strict=True):
+            one = encode_examples(smollm_tokenizer, [prompt], [answer], max_length=64)
+            hf = tiny_lm(input_ids=one.input_ids, attention_mask=one.attention_mask, labels=one.labels).loss
+            means.append(float(hf))
+            counts.append(one.num_answer_tokens)
+    per_token = sum(m * c for m, c in zip(means, counts, strict=True)) / sum(counts)
+    per_example = sum(means) / len(means)
+    ev = _evaluator(smollm_tokenizer)
+    got_token, got_example = ev.losses(tiny_lm)
+    assert got_token == pytest.approx(per_token, rel=1e-5)
+    assert got_example == pytest.approx(per_example, rel=1e-5)
+    assert abs(per_token - per_example) > 1e-3  # answer lengths 1 to 13 tokens: the means differ
+    result = ev(tiny_lm)
+    assert result.heldout_loss == pytest.approx(per_token, rel=1e-5)
+    assert result.heldout_loss_per_example == pytest.approx(per_example, rel=1e-5)
+
+
+def test_answer_loss_sums_agree_with_answer_loss(
+    tiny_lm: LlamaForCausalLM, smollm_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    batch = encode_examples(smollm_tokenizer, PROMPTS, ANSWERS, max_length=64)
+    with torch.inference_mode():
+        sums, counts = answer_loss_sums(tiny_lm, batch)
+        whole = float(answer_loss(tiny_lm, batch))
+    assert counts.tolist() == [
+        encode_examples(smollm_tokenizer, [p], [a], max_length=64).num_answer_tokens
+        for p, a in zip(PROMPTS, ANSWERS, strict=True)
+    ]
+    assert float(sums.sum()) / int(counts.sum()) == pytest.approx(whole, rel=1e-5)
+
+
 def test_call_scores_generations_with_rouge_and_first_word_match(
     tiny_lm: LlamaForCausalLM, smollm_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,6 +192,7 @@ def test_call_scores_generations_with_rouge_and_first_word_match(
     assert result.exact_match == pytest.approx(0.5)
     assert result.num_generations == 4 and result.num_loss_examples == 5
     assert result.heldout_loss == pytest.approx(ev.loss(tiny_lm), rel=1e-6)
+    assert result.generations == tuple(preds)
 
 
 def test_call_with_real_greedy_generation(
@@ -190,5 +228,7 @@ def test_for_run_takes_lengths_and_counts_from_the_config(
     )
     ev = HeldoutEvaluator.for_run(smollm_tokenizer, _heldout(), cfg)
     assert (ev.max_length, ev.max_new_tokens, ev.batch_size) == (48, 4, 16)
+    zs = HeldoutEvaluator.for_run(smollm_tokenizer, _heldout(), cfg, zeroshot=True)
+    assert zs.max_new_tokens == cfg.data.zeroshot_max_new_tokens == 128
     assert ev.gen_prompts == PROMPTS[:3]
     assert len(ev.batches) == 1 and int(ev.batches[0].input_ids.shape[1]) <= 48

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedtune.config import RunConfig
+from fedtune.data.prompts import prompt_text
 from fedtune.runlog import MetricsLog, MetricValue, atomic_write_text, plot_curves, strict_json_values
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
@@ -87,10 +88,20 @@ class RunRecorder:
         references: Sequence[str],
         generations: Sequence[str],
     ) -> None:
-        """Append one ``generations.jsonl`` row per greedy generation of ``split`` at ``server_round``."""
+        """Append one ``generations.jsonl`` row per greedy generation of ``split`` at ``server_round``.
+
+        Prompts are written as readable text (an input or earlier turns spelled out, not the
+        tagged form the task's ``prompt`` column carries them in).
+        """
         self.generations.extend(
             [
-                {"round": server_round, "split": split, "prompt": p, "reference": r, "generation": g}
+                {
+                    "round": server_round,
+                    "split": split,
+                    "prompt": prompt_text(p),
+                    "reference": r,
+                    "generation": g,
+                }
                 for p, r, g in zip(prompts, references, generations, strict=True)
             ]
         )

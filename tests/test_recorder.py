@@ -203,3 +203,13 @@ def test_resumed_recorder_keeps_rows_up_to_the_checkpoint(tmp_path: Path) -> Non
     again.restore(up_to_round=2)
     assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
     assert [r["round"] for r in again.records] == [0, 1, 2]
+
+
+def test_generations_are_written_with_readable_prompts(tmp_path: Path) -> None:
+    from fedtune.data.prompts import encode_prompt
+
+    rec = RunRecorder(tmp_path, RunConfig(), quiet=True)
+    rec.record_generations(1, "zeroshot", [encode_prompt("Summarize.", "A long text.")], ["ref"], ["gen"])
+    (row,) = read_jsonl(tmp_path / "generations.jsonl")
+    want = {"round": 1, "split": "zeroshot", "prompt": "Summarize.\n\nA long text."}
+    assert row == {**want, "reference": "ref", "generation": "gen"}

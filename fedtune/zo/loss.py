@@ -37,6 +37,20 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
+def _answer_logits(model: nn.Module, batch: TokenBatch, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at the kept (answer) positions only: the LM head runs on those rows where it splits off."""
+    split = _split_head(model)
+    if split is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        selected: torch.Tensor = logits[:, :-1][keep]
+        return selected
+    decoder, head = split
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    kept: torch.Tensor = head(hidden[:, :-1][keep])
+    return kept
+
+
 def answer_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Float32 scalar: mean next-token cross-entropy over positions whose label is not -100.
 
@@ -51,15 +65,7 @@ def answer_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         raise ValueError("batch has no answer tokens (every label after position 0 is -100)")
-    split = _split_head(model)
-    if split is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        selected = logits[:, :-1][keep]
-    else:
-        decoder, head = split
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        selected = head(hidden[:, :-1][keep])
+    selected = _answer_logits(model, batch, keep)
     return F.cross_entropy(selected.float(), targets[keep], reduction="mean")
 
 
@@ -78,15 +84,7 @@ def answer_loss_sums(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor,
     sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=device)
     if not bool(keep.any()):
         return sums, counts
-    split = _split_head(model)
-    if split is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        selected = logits[:, :-1][keep]
-    else:
-        decoder, head = split
-        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        selected = head(hidden[:, :-1][keep])
+    selected = _answer_logits(model, batch, keep)
     losses = F.cross_entropy(selected.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]  # row of each kept position, in the (row-major) order of the mask
     return sums.index_add_(0, rows, losses), counts

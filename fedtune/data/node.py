@@ -42,6 +42,8 @@ class NodeData:
 
     ``examples``: the rows, or a zero-argument loader that builds them on first use. With
     ``token_dir`` and ``source_key`` the tokenized ids are cached there, keyed by both.
+    ``template``: how prompts are formatted (``data.prompt-template``); the runtime sets it from
+    the run config, so every algorithm's batches follow it without passing it along.
     """
 
     def __init__(
@@ -51,12 +53,14 @@ class NodeData:
         *,
         token_dir: Path | None = None,
         source_key: str | None = None,
+        template: str = "chat",
     ) -> None:
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         if (token_dir is None) != (source_key is None):
             raise ValueError("pass token_dir and source_key together (or neither)")
         self.sampling = sampling
+        self.template = template
         self.token_dir = token_dir
         self.source_key = source_key
         self._loader = examples if callable(examples) else None
@@ -95,9 +99,12 @@ class NodeData:
             return len(next(iter(self._tokens.values())))
         return len(self.examples)
 
-    def tokenized(self, tokenizer: PreTrainedTokenizerBase, *, template: str = "chat") -> TokenizedExamples:
-        """Every example's prompt and answer ids for ``tokenizer`` and prompt ``template``: memory,
-        then disk, then a pass."""
+    def tokenized(
+        self, tokenizer: PreTrainedTokenizerBase, *, template: str | None = None
+    ) -> TokenizedExamples:
+        """Every example's prompt and answer ids for ``tokenizer`` and prompt ``template`` (the
+        node's own by default): memory, then disk, then a pass."""
+        template = self.template if template is None else template
         key = f"{tokenizer_key(tokenizer)}\0{template}"
         cached = self._tokens.get(key)
         if cached is not None:
@@ -128,7 +135,7 @@ class NodeData:
         batch_size: int,
         max_length: int,
         key: Sequence[int],
-        template: str = "chat",
+        template: str | None = None,
     ) -> Callable[[int], TokenBatch]:
         """``step -> TokenBatch``: an endless, reproducible stream keyed by ``key``.
 

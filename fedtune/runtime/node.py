@@ -59,18 +59,22 @@ def _partition(data: DataSection, num_clients: int, seed: int, pid: int, token_d
         return parts[pid]
 
     key = None if token_dir is None else f"partition\0{data!r}\0{num_clients}\0{seed}\0{pid}"
-    return NodeData(load, sampling=data.sampling, token_dir=token_dir, source_key=key)
+    return NodeData(
+        load, sampling=data.sampling, token_dir=token_dir, source_key=key, template=data.prompt_template
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _local_file(path: str, seed: int, sampling: str, token_dir: Path | None, content: str) -> NodeData:
+def _local_file(path: str, seed: int, data: DataSection, token_dir: Path | None, content: str) -> NodeData:
     def load() -> datasets.Dataset:
         from fedtune.data.tasks import build_task
 
         return build_task(path, seed=seed)
 
     key = None if token_dir is None else f"file\0{path}\0{content}\0{seed}"
-    return NodeData(load, sampling=sampling, token_dir=token_dir, source_key=key)
+    return NodeData(
+        load, sampling=data.sampling, token_dir=token_dir, source_key=key, template=data.prompt_template
+    )
 
 
 def load_node_data(cfg: RunConfig, node_config: NodeConfig, *, token_dir: Path | None = None) -> NodeData:
@@ -86,7 +90,7 @@ def load_node_data(cfg: RunConfig, node_config: NodeConfig, *, token_dir: Path |
             raise ClientError(ErrorCode.BAD_NODE_CONFIG, f"node config data-path={path!r} is not a file")
         # The content digest keys the caches: an edited file is read (and tokenized) again.
         content = hashlib.sha256(file.read_bytes()).hexdigest()
-        return _local_file(str(file.resolve()), cfg.run.seed, cfg.data.sampling, token_dir, content)
+        return _local_file(str(file.resolve()), cfg.run.seed, cfg.data, token_dir, content)
     pid = client_id(node_config)
     return _partition(cfg.data, cfg.federation.num_clients, cfg.run.seed, pid, token_dir)
 

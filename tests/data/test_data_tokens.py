@@ -116,3 +116,19 @@ def test_node_with_a_data_file_caches_its_ids_and_sees_edits(
         fh.write(json.dumps({"prompt": "one more", "answer": "positive"}) + "\n")
     assert len(load_node_data(cfg, node, token_dir=cache).tokenized(smollm_tokenizer)) == 8
     assert len(list(cache.glob("tokens-*.npz"))) == 2
+
+
+def test_a_nodes_batches_follow_the_runs_prompt_template(
+    smollm_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """An algorithm that never mentions the template still formats its prompts the run's way."""
+    file = tmp_path / "node.jsonl"
+    file.write_text(json.dumps({"prompt": "Name a colour.", "answer": "blue"}) + "\n")
+    node = {"partition-id": 0, "data-path": str(file)}
+    alpaca = load_node_data(RunConfig.from_flat({"data.prompt-template": "alpaca"}), node)
+    chat = load_node_data(RunConfig(), node)
+    assert alpaca.template == "alpaca" and chat.template == "chat"
+    ids = alpaca.tokenized(smollm_tokenizer).prompt(0)
+    assert ids == alpaca.tokenized(smollm_tokenizer, template="alpaca").prompt(0)
+    assert ids != chat.tokenized(smollm_tokenizer).prompt(0)
+    assert "### Instruction:" in smollm_tokenizer.decode(ids)

@@ -22,9 +22,9 @@ from fedtune.config import RunConfig, Scalar, parse_overrides
 from fedtune.flower.deploy import DeployedRun, LoopbackDeployment
 from fedtune.flower.launch import _cmdline, _processes_under
 from fedtune.runlog import read_jsonl
+from fedtune.runtime.node import ROUNDS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
-ROUNDS_FILE = "node-rounds.jsonl"  # written by fedtune.runtime.node for every round a node serves
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import deploy_overhead
-
-        return deploy_overhead
-    finally:
-        sys.path.remove(str(BENCH))
+BENCHMARK = "deploy_overhead"
 
 
 def _node(rnd: int, train: float, **phases: float) -> dict[str, Any]:

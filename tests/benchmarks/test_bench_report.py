@@ -11,26 +11,16 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARK = "report"
 
 
-@pytest.fixture(scope="module")
-def report_module() -> object:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import report
-
-        return report
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def test_targets_say_met_or_missed(report_module: object) -> None:
-    text = report_module.targets_text(450.0, -16.875)  # type: ignore[attr-defined]
+def test_targets_say_met_or_missed(bench: object) -> None:
+    text = bench.targets_text(450.0, -16.875)  # type: ignore[attr-defined]
     assert "450x" in text and "-16.88 points" in text and text.count("missed") == 2
-    assert report_module.targets_text(1000.0, -0.5).count("; met") == 2  # type: ignore[attr-defined]
+    assert bench.targets_text(1000.0, -0.5).count("; met") == 2  # type: ignore[attr-defined]
 
 
-def test_table_shows_nan_as_na(report_module: object) -> None:
+def test_table_shows_nan_as_na(bench: object) -> None:
     row = {
         "heldout_loss": 1.25,
         "rouge_l": float("nan"),
@@ -38,7 +28,7 @@ def test_table_shows_nan_as_na(report_module: object) -> None:
         "client_peak_mb": 1576.7,
         "seconds_per_round": float("nan"),
     }
-    table = report_module.markdown_table({"fedkseed": row})  # type: ignore[attr-defined]
+    table = bench.markdown_table({"fedkseed": row})  # type: ignore[attr-defined]
     assert table.splitlines()[-1] == "| fedkseed | 1.2500 | n/a | 16,614 | 1577 | n/a |"
 
 
@@ -79,17 +69,17 @@ def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
     assert "| lora-fedavg |" in (tmp_path / "report.md").read_text()
 
 
-def test_reuse_reads_a_row_only_when_its_settings_match(report_module: object, tmp_path: Path) -> None:
-    settings = report_module.shared_settings(report_module.parse_args(["--out", str(tmp_path)]))  # type: ignore[attr-defined]
+def test_reuse_reads_a_row_only_when_its_settings_match(bench: object, tmp_path: Path) -> None:
+    settings = bench.shared_settings(bench.parse_args(["--out", str(tmp_path)]))  # type: ignore[attr-defined]
     rows = tmp_path / "rows"
     rows.mkdir()
     row = {"heldout_loss": 0.5, "rouge_l": None, "payload_bytes_per_client_round": 10.0}
     saved = {"row": row, "by_round": [], "by_bytes": [], "untuned": None, "config": settings}
     (rows / "mezo.json").write_text(json.dumps(saved))
-    got = report_module.run_in_worker("mezo", [], tmp_path, reuse_if=settings)  # type: ignore[attr-defined]
+    got = bench.run_in_worker("mezo", [], tmp_path, reuse_if=settings)  # type: ignore[attr-defined]
     assert got["reused"] is True and got["row"]["heldout_loss"] == 0.5 and math.isnan(got["row"]["rouge_l"])
     # other settings: the stale row is not used (the worker is started; make it fail fast)
     other = {**settings, "federation.num-rounds": 99}
     with pytest.raises(RuntimeError, match="the mezo worker failed"):
-        report_module.run_in_worker("mezo", ["--bogus-flag"], tmp_path, reuse_if=other)  # type: ignore[attr-defined]
+        bench.run_in_worker("mezo", ["--bogus-flag"], tmp_path, reuse_if=other)  # type: ignore[attr-defined]
     assert not (rows / "mezo.json").exists()

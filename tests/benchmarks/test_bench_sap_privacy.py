@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import sap_privacy
-
-        return sap_privacy
-    finally:
-        sys.path.remove(str(BENCH))
+BENCHMARK = "sap_privacy"
 
 
 def _p(acc: float, priv: float) -> dict[str, Any]:

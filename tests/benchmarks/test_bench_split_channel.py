@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import split_channel
-
-        return split_channel
-    finally:
-        sys.path.remove(str(BENCH))
+BENCHMARK = "split_channel"
 
 
 def _ordered(figures: dict[str, float]) -> bool:

@@ -27,6 +27,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _start(script: str, cwd: Path, env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+    """A deploy script in its own session (so teardown can stop its whole process group)."""
+    with (cwd / log).open("wb") as sink:
+        return subprocess.Popen(
+            ["bash", str(DEPLOY / script)], cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 @pytest.fixture
 def started() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -75,17 +84,7 @@ def test_scripts_bring_a_registered_supernode_online(
     port, node_port = _free_ports(2)
     home = str(tmp_path / "flwr-home")
     env = _env(FLWR_HOME=home, PORT=str(port), HOST="127.0.0.1", SUPERLINK=f"127.0.0.1:{port}")
-    log = (tmp_path / "superlink.log").open("wb")
-    started.append(
-        subprocess.Popen(
-            ["bash", str(DEPLOY / "superlink.sh")],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    )
+    started.append(_start("superlink.sh", tmp_path, env, "superlink.log"))
     deadline = time.monotonic() + 60
     connected = ""
     while time.monotonic() < deadline:
@@ -100,17 +99,7 @@ def test_scripts_bring_a_registered_supernode_online(
     data.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
     node_env = {**env, "KEY": "keys/supernode_0", "PARTITION": "0", "DATA": str(data),
                 "STATE": str(tmp_path / "state"), "CLIENTAPPIO_PORT": str(node_port)}  # fmt: skip
-    node_log = (tmp_path / "supernode.log").open("wb")
-    started.append(
-        subprocess.Popen(
-            ["bash", str(DEPLOY / "supernode.sh")],
-            cwd=tmp_path,
-            env=node_env,
-            stdout=node_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    )
+    started.append(_start("supernode.sh", tmp_path, node_env, "supernode.log"))
     flwr = str(Path(sys.executable).with_name("flwr"))
     status = ""
     deadline = time.monotonic() + 60

@@ -29,6 +29,9 @@ LR_SCHEDULES = ("constant", "cosine")
 SAMPLING = ("shuffle", "class-balanced")
 PROMPT_TEMPLATES = ("chat", "alpaca")  # fedtune.data.prompts.PROMPT_TEMPLATES (config stays import-light)
 SCALAR_DTYPES = ("float32", "float16")
+DP_MECHANISMS = ("none", "sample", "client")
+ACCOUNTANTS = ("rdp", "prv")
+NOISE_AT = ("client", "server")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -377,6 +380,90 @@ class LoRASection:
         _require(self.batch_size >= 1, "lora.batch_size must be >= 1")
 
 
+@dataclass(frozen=True)
+class PrivacySection:
+    """``[privacy]``: differential privacy with an accountant (threat models: ``docs/privacy.md``).
+
+    mechanism: ``none``; ``sample`` (sample-level DP: each example's contribution clipped to
+    ``clip`` and Gaussian noise of std ``noise_multiplier * clip`` added by the client, so nothing
+    unnoised leaves it; DP-FedKSeed clips per-example two-point scalars, LoRA-FedAvg runs Opacus
+    DP-SGD); ``client`` (client-level DP: each client's whole round update clipped to L2 norm
+    ``clip``, noise added where ``noise_at`` says).
+    noise_multiplier: sigma; or ``target_epsilon`` > 0 to derive sigma for ``delta`` over the
+    whole run (assuming every round participates: an upper bound). accountant: opacus' ``rdp``
+    or ``prv``; both epsilons are reported.
+    """
+
+    mechanism: str = "none"
+    clip: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    noise_at: str = "client"
+
+    def __post_init__(self) -> None:
+        _choice("privacy", "mechanism", self.mechanism, DP_MECHANISMS)
+        _choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
+        _choice("privacy", "noise-at", self.noise_at, NOISE_AT)
+        _require(
+            math.isfinite(self.clip) and self.clip > 0,
+            f"privacy.clip must be a positive finite bound, got {self.clip}",
+        )
+        _require(
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            f"privacy.noise-multiplier must be >= 0 (sigma), got {self.noise_multiplier}",
+        )
+        _require(
+            math.isfinite(self.target_epsilon) and self.target_epsilon >= 0,
+            f"privacy.target-epsilon must be >= 0 (0: use noise-multiplier), got {self.target_epsilon}",
+        )
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1) (e.g. 1e-5), got {self.delta}")
+        if self.mechanism != "none":
+            _require(
+                (self.noise_multiplier > 0) != (self.target_epsilon > 0),
+                "privacy: set exactly one of noise-multiplier (sigma > 0) or target-epsilon (> 0)",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mechanism != "none"
+
+
+@dataclass(frozen=True)
+class SecAggSection:
+    """``[secagg]``: secure aggregation (Bonawitz et al. 2017): the server learns only the sum.
+
+    threshold: the fraction of a round's sampled clients that must survive every stage
+    (t = max(2, ceil(threshold * n))); fewer aborts the round cleanly. clip: each coordinate of a
+    client's weighted vector is clipped to [-clip, clip] before fixed-point encoding with
+    ``fraction_bits`` fractional bits modulo 2^64 (error at most n * 2^-(fraction_bits + 1) per
+    coordinate of the sum). max_weight: a client's weight (its example count) is divided by it,
+    so weighted vectors stay within ``clip``.
+    """
+
+    enabled: bool = False
+    threshold: float = 0.66
+    clip: float = 8.0
+    fraction_bits: int = 40
+    max_weight: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.threshold <= 1,
+            f"secagg.threshold must be a fraction in (0, 1] of the sampled clients, got {self.threshold}",
+        )
+        _require(math.isfinite(self.clip) and self.clip > 0, "secagg.clip must be a positive finite bound")
+        _require(
+            8 <= self.fraction_bits <= 52,
+            f"secagg.fraction-bits must be in [8, 52], got {self.fraction_bits}",
+        )
+        _require(
+            math.isfinite(self.max_weight) and self.max_weight >= 1,
+            "secagg.max-weight must be >= 1 (the largest example count a client may report)",
+        )
+
+
 T = TypeVar("T")
 
 
@@ -393,6 +480,8 @@ class RunConfig:
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
     lora: LoRASection = field(default_factory=LoRASection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
 
     SECTIONS: ClassVar[tuple[str, ...]] = (
         "run",
@@ -404,6 +493,8 @@ class RunConfig:
         "aggregator",
         "lora",
         "algorithm",
+        "privacy",
+        "secagg",
     )
 
     def __post_init__(self) -> None:
@@ -412,6 +503,18 @@ class RunConfig:
             self.federation.min_replies <= self.federation.clients_per_round,
             "federation.min_replies must be <= federation.clients_per_round",
         )
+        if self.secagg.enabled:
+            n = self.federation.clients_per_round
+            _require(
+                n >= 3,
+                f"secagg.enabled needs federation.clients-per-round >= 3 (a sum of {n} reveals each "
+                "input to anyone who knows the others); sample more clients",
+            )
+            _require(
+                n * self.secagg.clip * 2.0**self.secagg.fraction_bits < 2.0**63,
+                f"secagg: {n} clients x clip {self.secagg.clip} x 2^{self.secagg.fraction_bits} would "
+                "overflow the 2^64 modulus; lower secagg.fraction-bits or secagg.clip",
+            )
 
     # -- serialization -------------------------------------------------------------------------
     def to_flat(self) -> dict[str, Scalar]:

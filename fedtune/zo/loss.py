@@ -88,3 +88,13 @@ def answer_loss_sums(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor,
     losses = F.cross_entropy(selected.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]  # row of each kept position, in the (row-major) order of the mask
     return sums.index_add_(0, rows, losses), counts
+
+
+def answer_loss_per_example(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Float32 ``(B,)``: each example's mean cross-entropy over its own answer tokens (0 for none).
+
+    The per-example losses DP-ZO clips (Tang et al. 2024): one example's influence on a released
+    two-point scalar is bounded only if each example's loss is computed on its own.
+    """
+    sums, counts = answer_loss_sums(model, batch)
+    return sums / counts.clamp(min=1).to(sums.dtype)

@@ -11,16 +11,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
 from fedtune.data.batch import TokenBatch
 from fedtune.zo.directions import CACHE_MODES, CacheMode, SeedDirection
-from fedtune.zo.loss import answer_loss
+from fedtune.zo.loss import answer_loss, answer_loss_per_example
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import PERTURBATION_KINDS, Perturbation, PerturbationKind
 
 LossFn = Callable[[nn.Module, TokenBatch], torch.Tensor]
+# Per-example two-point scalars (L+_i - L-_i) / (2 eps) -> the one scalar the step releases and uses
+# (e.g. DP-ZO's clip-sum-noise-divide); see :meth:`MeZOStep.step`.
+ScalarRelease = Callable[[npt.NDArray[np.float64]], float]
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,13 @@ class MeZOStep:
         *,
         run_seed: int,
         loss_fn: LossFn = answer_loss,
+        per_example_loss_fn: LossFn = answer_loss_per_example,
     ) -> None:
         self.model = model
         self.tuned = tuned
         self.config = config
         self.loss_fn = loss_fn
+        self.per_example_loss_fn = per_example_loss_fn
         self.perturbation = Perturbation(kind=config.kind, run_seed=run_seed, shapes=tuned.shapes)
         budget = int((config.memory_budget_ratio - 1.0) * model_bytes(model))
         self.direction = SeedDirection(
@@ -113,30 +120,47 @@ class MeZOStep:
         )
         self.skipped = 0
 
-    def _loss(self, batch: TokenBatch) -> float:
-        return float(self.loss_fn(self.model, batch).float().item())
+    def _losses(self, batch: TokenBatch, per_example: bool) -> npt.NDArray[np.float64]:
+        fn = self.per_example_loss_fn if per_example else self.loss_fn
+        return np.atleast_1d(fn(self.model, batch).float().cpu().numpy().astype(np.float64))
 
-    def step(self, batch: TokenBatch, seed_index: int, lr: float) -> StepResult:
-        """Estimate the projected gradient along z(seed_index) and move the weights by ``-lr g z``."""
+    def step(
+        self, batch: TokenBatch, seed_index: int, lr: float, *, release: ScalarRelease | None = None
+    ) -> StepResult:
+        """Estimate the projected gradient along z(seed_index) and move the weights by ``-lr g z``.
+
+        With ``release``, both passes compute per-example losses and g is ``release`` of the
+        per-example scalars (DP-ZO: clipped, summed, noised, divided), so the weights move only
+        by what is released; ``loss_plus``/``loss_minus`` are then the per-example means.
+        """
         if not math.isfinite(lr):
             raise ValueError(f"lr must be finite, got {lr}")
         eps = self.config.eps
+        per_example = release is not None
         self.model.eval()
         device = self.tuned.tensors[0].device
         batch = batch.to(device)
         with torch.inference_mode():
             self.direction.reset(seed_index)
             self.direction.add_(eps)
-            loss_plus = self._loss(batch)
-            if not math.isfinite(loss_plus):
+            plus = self._losses(batch, per_example)
+            loss_plus = float(plus.mean())
+            if not np.isfinite(plus).all():
                 self.direction.add_(-eps)
                 return self._skip(seed_index, loss_plus, math.nan)
             self.direction.add_(-2.0 * eps)
-            loss_minus = self._loss(batch)
-            if not math.isfinite(loss_minus):
+            minus = self._losses(batch, per_example)
+            loss_minus = float(minus.mean())
+            if not np.isfinite(minus).all():
                 self.direction.add_(eps)
                 return self._skip(seed_index, loss_plus, loss_minus)
-            projected_grad = (loss_plus - loss_minus) / (2.0 * eps)
+            if release is None:
+                projected_grad = (loss_plus - loss_minus) / (2.0 * eps)
+            else:
+                projected_grad = float(release((plus - minus) / (2.0 * eps)))
+                if not math.isfinite(projected_grad):
+                    self.direction.add_(eps)
+                    return self._skip(seed_index, loss_plus, loss_minus)
             self.direction.add_(eps - lr * projected_grad)
         return StepResult(seed_index, projected_grad, loss_plus, loss_minus, skipped=False)
 

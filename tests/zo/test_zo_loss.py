@@ -60,3 +60,19 @@ def test_batch_without_answers_is_rejected(
     empty = TokenBatch(batch.input_ids, batch.attention_mask, torch.full_like(batch.labels, -100))
     with pytest.raises(ValueError, match="no answer tokens"):
         answer_loss(tiny_model(), empty)
+
+
+def test_per_example_loss_is_each_rows_own_mean(
+    tiny_model: Callable[..., LlamaForCausalLM], token_batch: Callable[..., TokenBatch]
+) -> None:
+    from fedtune.zo.loss import answer_loss_per_example
+
+    model = tiny_model()
+    batch = token_batch(seed=4, rows=3)
+    with torch.inference_mode():
+        per_row = answer_loss_per_example(model, batch)
+        for i in range(3):
+            one = TokenBatch(
+                batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1], batch.labels[i : i + 1]
+            )
+            torch.testing.assert_close(per_row[i], answer_loss(model, one), rtol=1e-5, atol=1e-6)

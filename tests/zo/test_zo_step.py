@@ -155,3 +155,44 @@ def test_worker_threads_can_update_inference_tensors(
         model, select_parameters(model, ParamSelection()), ZOConfig(threads=2, cache_z="never"), run_seed=0
     )
     assert not stepper.step(token_batch(seed=0), 1, 1e-3).skipped
+
+
+def test_release_sees_per_example_scalars_and_moves_weights_by_what_it_returns(
+    tiny_model: Callable[..., LlamaForCausalLM], token_batch: Callable[..., TokenBatch]
+) -> None:
+    eps, lr, seed = 1e-3, 1e-2, 11
+    batch = token_batch(seed=2)
+    seen: list[np.ndarray] = []
+
+    def release(scalars: np.ndarray) -> float:
+        seen.append(scalars.copy())
+        return 0.25  # a value no batch statistic would give: the update must use it
+
+    model, reference = tiny_model(), tiny_model()
+    config = ZOConfig(eps=eps, kind="rademacher")
+    stepper = MeZOStep(model, select_parameters(model, ParamSelection()), config, run_seed=3)
+    result = stepper.step(batch, seed, lr, release=release)
+    assert result.projected_grad == 0.25 and not result.skipped
+    assert seen[0].shape == (batch.input_ids.shape[0],)
+    # the per-example scalars are the two-point differences of each row's own mean loss
+    ref_stepper = MeZOStep(reference, select_parameters(reference, ParamSelection()), config, run_seed=3)
+    ref_stepper.direction.reset(seed)
+    with torch.inference_mode():
+        ref_stepper.direction.add_(eps)
+        plus = ref_stepper.per_example_loss_fn(reference, batch).double().numpy()
+        ref_stepper.direction.add_(-2 * eps)
+        minus = ref_stepper.per_example_loss_fn(reference, batch).double().numpy()
+        ref_stepper.direction.add_(eps - lr * 0.25)
+    np.testing.assert_allclose(seen[0], (plus - minus) / (2 * eps), rtol=1e-4, atol=1e-6)
+    assert _rel(_weights(model), _weights(reference)) < 1e-6
+
+
+def test_non_finite_release_skips_and_restores(
+    tiny_model: Callable[..., LlamaForCausalLM], token_batch: Callable[..., TokenBatch]
+) -> None:
+    model = tiny_model()
+    before = _weights(model)
+    stepper = MeZOStep(model, select_parameters(model, ParamSelection()), ZOConfig(), run_seed=3)
+    result = stepper.step(token_batch(seed=2), 3, 1e-2, release=lambda s: float("nan"))
+    assert result.skipped and result.projected_grad == 0.0
+    assert _rel(_weights(model), before) < 1e-6

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.collate import encode_examples
+from fedtune.data.prompts import prompt_text
 from fedtune.data.sampler import BatchSampler
 
 
@@ -40,9 +41,13 @@ class SplitExamples:
         task: str,
         class_names: Sequence[str],
         max_length: int,
+        template: str = "chat",
     ) -> None:
         self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
-        self.prompts = [str(p) for p in examples["prompt"]]
+        self.template = template  # data.prompt-template, for causal LM
+        # A classifier reads the text itself: structured prompts (Alpaca/Dolly/chat rows) as readable text.
+        raw = [str(p) for p in examples["prompt"]]
+        self.prompts = [prompt_text(p) for p in raw] if task == "classification" else raw
         self.answers = [str(a) for a in examples["answer"]]
         if task == "classification":
             index = {c: i for i, c in enumerate(class_names)}
@@ -81,6 +86,7 @@ class SplitExamples:
             [self.prompts[i] for i in idx],
             [self.answers[i] for i in idx],
             max_length=self.max_length,
+            template=self.template,
         )
         return SplitBatch(tb.input_ids, tb.attention_mask, tb.labels, groups)
 

@@ -89,6 +89,7 @@ class SAPNode(ClientAlgorithm):
                 task=opts.task,
                 class_names=rnd.class_names,
                 max_length=cfg.model.max_length,
+                template=cfg.data.prompt_template,
             )
         except ValueError as exc:
             raise ClientError(ErrorCode.BAD_NODE_CONFIG, str(exc)) from exc

@@ -284,6 +284,7 @@ class SAPServer(ServerAlgorithm):
             task=self.opts.task,
             class_names=self.class_names,
             max_length=self.cfg.model.max_length,
+            template=self.cfg.data.prompt_template,
         )
         privatizer = DChiPrivatizer(self.opts.eta) if self.opts.privatize else None
         encoder = ClientEncoder(self.bottom, privatizer, text=self.opts.variant == "text")

@@ -15,6 +15,7 @@ from fedtune.algorithms.base import (
     Rejection,
     RoundOutcome,
     ServerAlgorithm,
+    Summand,
 )
 from fedtune.algorithms.registry import (
     available_algorithms,
@@ -33,6 +34,7 @@ __all__ = [
     "Rejection",
     "RoundOutcome",
     "ServerAlgorithm",
+    "Summand",
     "available_algorithms",
     "create_algorithm",
     "register_algorithm",

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+import numpy.typing as npt
+
 from fedtune.aggregators.base import Aggregator, StateValue
 from fedtune.runlog import MetricValue, PhaseTimer
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
@@ -112,6 +115,20 @@ class NodeContext:
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
+@dataclass(frozen=True)
+class Summand:
+    """A client's round under secure aggregation: what the server may only see summed, and the rest.
+
+    vector: the client's update as one float64 vector (the server learns only the weighted sum of
+    all survivors' vectors). weight: its weight in the mean (its example count). public: the
+    algorithm's reply without the vector (round, fingerprint, loss, DP figures), sent in the clear.
+    """
+
+    vector: npt.NDArray[np.float64]
+    weight: float
+    public: bytes
+
+
 class ServerAlgorithm(ABC):
     """The server half: its state, one payload per sampled node, validate-and-aggregate.
 
@@ -147,6 +164,26 @@ class ServerAlgorithm(ABC):
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
         """Restore :meth:`state_dict`; a state for another run configuration raises ValueError."""
 
+    def summand_length(self, server_round: int) -> int:
+        """Length of each client's :class:`Summand` vector this round (secure aggregation)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support secure aggregation")
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        weighted_sum: npt.NDArray[np.float64],
+        total_weight: float,
+        replies: Sequence[NodeReply],
+        *,
+        min_replies: int,
+    ) -> RoundOutcome:
+        """Apply a securely aggregated round: ``sum_i w_i x_i`` and ``sum_i w_i`` over the survivors.
+
+        ``replies`` are the survivors' public parts (``payload`` = :attr:`Summand.public`) and the
+        errors of nodes that failed; validate them before changing anything, as in :meth:`aggregate`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support secure aggregation")
+
     def eval_model(self) -> EvalModel | None:
         """The current global model for the server's held-out evaluation (None: no evaluation)."""
         return None
@@ -179,6 +216,10 @@ class ClientAlgorithm(ABC):
     def train(self, payload: bytes, node: NodeContext) -> bytes:
         """Run the round and return the reply payload; raise :class:`ClientError` for typed failures."""
 
+    def train_summand(self, payload: bytes, node: NodeContext) -> Summand:
+        """The round under secure aggregation: the update as a vector plus its public remainder."""
+        raise NotImplementedError(f"{type(self).__name__} does not support secure aggregation")
+
 
 class Algorithm(ABC):
     """A federated algorithm, registered by name or loaded from ``"package.module:Class"``.
@@ -189,6 +230,10 @@ class Algorithm(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: Both halves implement the secure-aggregation hooks (:class:`Summand`, ``aggregate_sum``).
+    supports_secure_aggregation: ClassVar[bool] = False
+    #: The ``privacy.mechanism`` values this algorithm implements besides ``none``.
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

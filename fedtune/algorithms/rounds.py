@@ -191,3 +191,34 @@ def under_prefix(prefix: str, state: Mapping[str, StateValue]) -> dict[str, Stat
     """The inverse of :func:`with_prefix`: the entries under ``prefix.``, without it."""
     head = f"{prefix}."
     return {k.removeprefix(head): v for k, v in state.items() if k.startswith(head)}
+
+
+def secure_mean(
+    book: RoundBook,
+    weighted_sum: np.ndarray,
+    total_weight: float,
+    *,
+    survivors: int,
+    min_replies: int,
+    length: int,
+) -> np.ndarray | str:
+    """The weighted mean from a secure sum, or why the round cannot use it.
+
+    Every survivor's vector is inside the sum and cannot be taken out, so one survivor whose
+    public reply fails validation spoils the whole round (it is skipped, state untouched).
+    """
+    if len(book.accepted) < survivors:
+        return (
+            f"{survivors - len(book.accepted)} of the {survivors} clients in the secure sum sent an invalid "
+            "reply; their vectors cannot be removed from the sum, so the round is skipped"
+        )
+    if len(book.accepted) < min_replies:
+        return f"{len(book.accepted)} valid replies, fewer than the {min_replies} needed"
+    if weighted_sum.shape != (length,):
+        return f"secure sum has shape {weighted_sum.shape}, expected ({length},)"
+    if not (math.isfinite(total_weight) and total_weight > 0):
+        return f"secure sum carries total weight {total_weight}; nothing to average"
+    mean = np.asarray(weighted_sum, dtype=np.float64) / total_weight
+    if not np.isfinite(mean).all():
+        return "secure sum is not finite"
+    return mean

@@ -7,6 +7,7 @@ Options come from the typed ``[zo]`` and ``[fedkseed]`` sections; payloads are t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,14 +15,16 @@ import numpy as np
 import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator
-from fedtune.algorithms.base import Algorithm, ClientAlgorithm, ClientError, EvalModel, NodeContext
+from fedtune.algorithms.base import Algorithm, ClientAlgorithm, ClientError, EvalModel, NodeContext, Summand
 from fedtune.algorithms.registry import register_algorithm
 from fedtune.config import RunConfig
 from fedtune.fedkseed.client import NodeView, StaleSyncError
+from fedtune.fedkseed.dp import ServerPrivacy, plan_for
 from fedtune.fedkseed.replica import build_replica, get_replica
-from fedtune.fedkseed.server import FedKSeedServer, RoundSettings
+from fedtune.fedkseed.server import FedKSeedServer, RoundSettings, coefficients_from_steps
 from fedtune.fedkseed.state import WEIGHTS_FILE, load_weights, save_weights
-from fedtune.wire.codec import decode_sync, encode_reply
+from fedtune.wire.codec import ReplyPayload, decode_sync, encode_reply
+from fedtune.wire.dp_report import DPFigures
 from fedtune.wire.errors import ErrorCode
 
 VIEW_FILE = "fedkseed-view.npz"
@@ -45,6 +48,24 @@ class FedKSeedNode(ClientAlgorithm):
         self.cfg = cfg
 
     def train(self, payload: bytes, node: NodeContext) -> bytes:
+        reply = self._round(payload, node)
+        return encode_reply(reply, scalar_dtype=self.cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
+
+    def train_summand(self, payload: bytes, node: NodeContext) -> Summand:
+        """The round's lr-folded K-vector goes into the secure sum; only the rest is sent in clear."""
+        reply = self._round(payload, node)
+        lr = decode_sync(payload).lr
+        vector = coefficients_from_steps(
+            reply.seed_indices, reply.projected_grads, lr=lr, num_seeds=self.cfg.fedkseed.num_seeds
+        )
+        public = dataclasses.replace(
+            reply,
+            seed_indices=np.zeros(0, dtype=np.int64),
+            projected_grads=np.zeros(0, dtype=np.float32),
+        )
+        return Summand(vector=vector, weight=float(reply.num_examples), public=encode_reply(public))
+
+    def _round(self, payload: bytes, node: NodeContext) -> ReplyPayload:
         cfg = self.cfg
         sync = decode_sync(payload)
         with node.timer.phase("model_load"):
@@ -75,6 +96,7 @@ class FedKSeedNode(ClientAlgorithm):
                 key=(cfg.run.seed, sync.server_round, node.partition_id),
                 template=cfg.data.prompt_template,
             )
+        dp = plan_for(cfg, num_examples=len(node.data))
         try:
             reply, new_view = client.train_round(
                 sync,
@@ -83,6 +105,7 @@ class FedKSeedNode(ClientAlgorithm):
                 batch_for_step=batches,
                 num_examples=len(node.data),
                 timer=node.timer,
+                dp=dp,
             )
         except StaleSyncError as exc:
             raise ClientError(
@@ -98,7 +121,12 @@ class FedKSeedNode(ClientAlgorithm):
                     server_round=sync.server_round,
                 )
             new_view.save(path)
-        return encode_reply(reply, scalar_dtype=cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
+        if dp is None:
+            return reply
+        figures = DPFigures(
+            noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp.steps, clip=dp.clip
+        )
+        return dataclasses.replace(reply, dp=figures)
 
 
 class _Server(FedKSeedServer):
@@ -120,6 +148,19 @@ class FedKSeed(Algorithm):
     """FedKSeed: uniform sampling from a pool of K shared seeds."""
 
     pro: ClassVar[bool] = False
+    supports_secure_aggregation: ClassVar[bool] = True
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample", "client")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        if cfg.privacy.mechanism == "client":
+            weighting = dict(cfg.aggregator.options).get("weighting", "examples")
+            if cfg.aggregator.name != "weighted-mean" or weighting != "equal":
+                raise ValueError(
+                    "privacy.mechanism = 'client' bounds each client's share of the round's sum, which "
+                    "holds only for a plain mean: set aggregator.name = 'weighted-mean' and "
+                    "[aggregator.options] weighting = 'equal'"
+                )
 
     def server(self, aggregator: Aggregator) -> FedKSeedServer:
         cfg = self.cfg
@@ -140,6 +181,7 @@ class FedKSeed(Algorithm):
             sparse_sync=cfg.fedkseed.sparse_sync,
             max_weight_ratio=cfg.aggregator.max_weight_ratio,
             eval_model=eval_model,
+            privacy=ServerPrivacy(cfg, cfg.fedkseed.num_seeds) if cfg.privacy.enabled else None,
         )
         return server
 
@@ -152,3 +194,7 @@ class FedKSeedPro(FedKSeed):
     """FedKSeed-Pro: seeds sampled by importance (softmax of normalised mean |g| per seed)."""
 
     pro: ClassVar[bool] = True
+    # Importance sampling learns from each client's own scalars: a secure sum hides them, and
+    # client-level noise on every seed would drown the statistic.
+    supports_secure_aggregation: ClassVar[bool] = False
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample",)

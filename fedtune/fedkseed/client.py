@@ -19,6 +19,8 @@ import torch
 
 from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.data.batch import TokenBatch
+from fedtune.fedkseed.dp import DPPlan, PerExampleRelease, clip_round
+from fedtune.privacy import SecureGaussian
 from fedtune.runlog import PhaseTimer
 from fedtune.wire.codec import ReplyPayload, SparseDelta, SyncPayload, probabilities_from_quantized
 from fedtune.zo import MeZOStep, replay
@@ -156,10 +158,12 @@ class FedKSeedClient:
         batch_for_step: Callable[[int], TokenBatch],
         num_examples: int,
         timer: PhaseTimer | None = None,
+        dp: DPPlan | None = None,
     ) -> tuple[ReplyPayload, NodeView]:
         """Sync, run the local steps, and return the reply plus the node's new view of A.
 
-        ``timer`` gets the ``replay`` and ``train`` phases and the ``replayed_seeds`` count.
+        ``timer`` gets the ``replay`` and ``train`` phases and the ``replayed_seeds`` count. ``dp``
+        makes the reply differentially private (:mod:`fedtune.fedkseed.dp`).
         """
         timer = timer or PhaseTimer()
         if sync.fingerprint != self.fingerprint:
@@ -174,7 +178,7 @@ class FedKSeedClient:
         with timer.phase("replay"):
             timer.count("replayed_seeds", self.sync_to(target, server_round=sync.server_round))
         with timer.phase("train"):
-            return self._local_steps(sync, target, client_key, batch_for_step, num_examples)
+            return self._local_steps(sync, target, client_key, batch_for_step, num_examples, dp)
 
     def _local_steps(
         self,
@@ -183,14 +187,17 @@ class FedKSeedClient:
         client_key: int,
         batch_for_step: Callable[[int], TokenBatch],
         num_examples: int,
+        dp: DPPlan | None = None,
     ) -> tuple[ReplyPayload, NodeView]:
         seeds = self.draw_seeds(sync, client_key)
+        noise = SecureGaussian() if dp is not None else None
+        release = PerExampleRelease(dp, noise) if dp is not None and dp.mechanism == "sample" else None
         kept_seeds: list[int] = []
         grads: list[float] = []
         losses: list[float] = []
         skipped = 0
         for t, seed in enumerate(seeds):
-            result = self.stepper.step(batch_for_step(t), int(seed), sync.lr)
+            result = self.stepper.step(batch_for_step(t), int(seed), sync.lr, release=release)
             if result.skipped:
                 skipped += 1
                 continue
@@ -198,12 +205,23 @@ class FedKSeedClient:
             grads.append(result.projected_grad)
             losses.append(0.5 * (result.loss_plus + result.loss_minus))
             self.coefficients[int(seed)] -= sync.lr * result.projected_grad
+        indices = np.asarray(kept_seeds, dtype=np.int64)
+        released = np.asarray(grads, dtype=np.float64)
+        if dp is not None and dp.mechanism == "client" and noise is not None:
+            # The round is the release: its per-seed vector is clipped (the local model keeps the
+            # unclipped steps; the next sync replaces them with the global result).
+            clipped, scale = clip_round(indices, released, num_seeds=self.num_seeds, clip=dp.clip)
+            if dp.dense_reply:  # noise on every seed, so nothing unnoised leaves the client
+                indices = np.arange(self.num_seeds, dtype=np.int64)
+                released = clipped + noise.normal(self.num_seeds, dp.noise_std)
+            else:
+                released = released * scale
         reply = ReplyPayload(
             server_round=sync.server_round,
             num_seeds=self.num_seeds,
             num_examples=num_examples,
-            seed_indices=np.asarray(kept_seeds, dtype=np.int64),
-            projected_grads=np.asarray(grads, dtype=np.float32),
+            seed_indices=indices,
+            projected_grads=released.astype(np.float32),
             # All steps skipped (NaN losses): report 0 loss; the skipped count says what happened.
             train_loss=float(np.mean(losses)) if losses else 0.0,
             num_skipped_steps=skipped,

@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
-from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, under_prefix, with_prefix
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, secure_mean, under_prefix, with_prefix
+from fedtune.fedkseed.dp import ServerPrivacy, figures_mismatch
 from fedtune.fedkseed.pro import SeedImportance
 from fedtune.wire.codec import (
     PayloadError,
@@ -76,6 +77,7 @@ class FedKSeedServer(ServerAlgorithm):
         sparse_sync: bool = False,
         max_weight_ratio: float = 10.0,
         eval_model: Callable[[npt.NDArray[np.float64]], EvalModel] | None = None,
+        privacy: ServerPrivacy | None = None,
     ) -> None:
         if num_seeds < 1:
             raise ValueError("num_seeds must be >= 1")
@@ -87,6 +89,7 @@ class FedKSeedServer(ServerAlgorithm):
         self.sparse_sync = sparse_sync
         self.max_weight_ratio = max_weight_ratio
         self._eval_model = eval_model
+        self.privacy = privacy
         self.accumulator = np.zeros(num_seeds, dtype=np.float64)
         self.importance = SeedImportance(num_seeds, clip=pro_clip)
         self.completed_round = 0
@@ -159,8 +162,13 @@ class FedKSeedServer(ServerAlgorithm):
         return SparseDelta(base_round=base_round, indices=idx, values=total[idx].astype(np.float32))
 
     # -- upload --------------------------------------------------------------------------------
-    def validate_reply(self, payload: bytes, settings: RoundSettings) -> ReplyPayload | str:
-        """Decode and check one reply; a string says why it cannot count."""
+    def validate_reply(
+        self, payload: bytes, settings: RoundSettings, *, summed: bool = False
+    ) -> ReplyPayload | str:
+        """Decode and check one reply; a string says why it cannot count.
+
+        ``summed``: the public part of a securely aggregated reply (its scalars are in the sum).
+        """
         try:
             reply = decode_reply(payload, num_seeds=self.num_seeds)
         except PayloadError as exc:
@@ -172,8 +180,30 @@ class FedKSeedServer(ServerAlgorithm):
         if not 0 < reply.num_examples <= MAX_NUM_EXAMPLES:
             return f"absurd num_examples {reply.num_examples}"
         n = int(reply.seed_indices.size)
-        if n + reply.num_skipped_steps != settings.num_local_steps:
+        dense = self.privacy is not None and self.privacy.plan(reply.num_examples).dense_reply
+        if summed:
+            if n:
+                return "a securely aggregated reply must not carry its scalars in the clear"
+        elif dense:
+            if n != self.num_seeds or not np.array_equal(reply.seed_indices, np.arange(self.num_seeds)):
+                return f"client-level DP noised at the client needs all {self.num_seeds} seeds, got {n}"
+        elif n + reply.num_skipped_steps != settings.num_local_steps:
             return f"{n} steps + {reply.num_skipped_steps} skipped != {settings.num_local_steps} asked"
+        if self.privacy is not None:
+            if reply.dp is None:
+                return (
+                    "privacy is on, but the reply carries no DP figures (a client without privacy.mechanism?)"
+                )
+            d = reply.dp
+            problem = figures_mismatch(
+                self.privacy.plan(reply.num_examples),
+                sigma=d.noise_multiplier,
+                sample_rate=d.sample_rate,
+                steps=d.steps,
+                clip=d.clip,
+            )
+            if problem is not None:
+                return f"DP figures: {problem}"
         return reply
 
     def _note_error(self, reply: NodeReply, server_round: int) -> None:
@@ -187,9 +217,10 @@ class FedKSeedServer(ServerAlgorithm):
         else:
             self.forget_node(reply.node_id)
 
-    def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
-        """Validate all replies, aggregate the valid ones and update the state atomically."""
-        settings = self.settings(server_round)
+    def _admit(
+        self, server_round: int, replies: Sequence[NodeReply], settings: RoundSettings, *, summed: bool
+    ) -> tuple[RoundBook, dict[int, ReplyPayload]]:
+        """Validate every reply; book the valid ones (as dense K-vectors unless ``summed``)."""
         sent_round, sent = self._sent
         book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
         steps: dict[int, ReplyPayload] = {}
@@ -198,7 +229,7 @@ class FedKSeedServer(ServerAlgorithm):
             payload = book.admit(r)
             if payload is None:
                 continue
-            result = self.validate_reply(payload, settings)
+            result = self.validate_reply(payload, settings, summed=summed)
             if isinstance(result, str):
                 book.reject(r.node_id, result)
                 continue
@@ -208,15 +239,30 @@ class FedKSeedServer(ServerAlgorithm):
             if not np.isfinite(coef).all() or np.abs(coef).max(initial=0.0) > np.finfo(np.float32).max:
                 book.reject(r.node_id, "coefficients overflow float32")
                 continue
-            update = ClientUpdate(r.node_id, result.num_examples, {COEFFICIENTS: coef.astype(np.float32)})
+            arrays = {} if summed else {COEFFICIENTS: coef.astype(np.float32)}
+            update = ClientUpdate(r.node_id, result.num_examples, arrays)
             book.accept(update, train_loss=result.train_loss, peak_memory_mb=result.peak_memory_mb)
             steps[r.node_id] = result
-        metrics = {
+        if self.privacy is not None:  # released is released, whether or not the round applies
+            self.privacy.record({n: self.privacy.plan(p.num_examples) for n, p in steps.items()})
+        return book, steps
+
+    def _metrics(self, book: RoundBook, steps: Mapping[int, ReplyPayload], lr: float) -> dict[str, float]:
+        metrics: dict[str, float] = {
             **book.metrics(),
             "skipped_steps": sum(p.num_skipped_steps for p in steps.values()),
-            "lr": settings.lr,
+            "lr": lr,
             "seeds_touched": 0,
         }
+        if self.privacy is not None:
+            metrics.update(self.privacy.metrics())
+        return metrics
+
+    def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
+        """Validate all replies, aggregate the valid ones and update the state atomically."""
+        settings = self.settings(server_round)
+        book, steps = self._admit(server_round, replies, settings, summed=False)
+        metrics = self._metrics(book, steps, settings.lr)
         glob = book.aggregate(
             self.aggregator,
             min_replies=min_replies,
@@ -226,6 +272,51 @@ class FedKSeedServer(ServerAlgorithm):
         if isinstance(glob, str):
             return book.outcome(metrics, note=glob)
         delta = np.asarray(glob.arrays[COEFFICIENTS], dtype=np.float64)
+        kept = sorted(steps if glob.kept is None else glob.kept)
+        return self._apply(server_round, book, steps, delta, kept, metrics, settings.lr)
+
+    def summand_length(self, server_round: int) -> int:
+        return self.num_seeds
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        weighted_sum: npt.NDArray[np.float64],
+        total_weight: float,
+        replies: Sequence[NodeReply],
+        *,
+        min_replies: int,
+    ) -> RoundOutcome:
+        """Apply a secure round: the sum holds each survivor's lr-folded K-vector times its weight."""
+        settings = self.settings(server_round)
+        book, steps = self._admit(server_round, replies, settings, summed=True)
+        metrics = self._metrics(book, steps, settings.lr)
+        survivors = sum(1 for r in replies if r.payload is not None)
+        mean = secure_mean(
+            book,
+            weighted_sum,
+            total_weight,
+            survivors=survivors,
+            min_replies=max(min_replies, self.aggregator.min_clients),
+            length=self.num_seeds,
+        )
+        if isinstance(mean, str):
+            return book.outcome(metrics, note=mean)
+        return self._apply(server_round, book, steps, mean, sorted(steps), metrics, settings.lr)
+
+    def _apply(
+        self,
+        server_round: int,
+        book: RoundBook,
+        steps: Mapping[int, ReplyPayload],
+        delta: npt.NDArray[np.float64],
+        kept: Sequence[int],
+        metrics: dict[str, float],
+        lr: float,
+    ) -> RoundOutcome:
+        noise = None if self.privacy is None else self.privacy.server_noise()
+        if noise is not None:  # client-level DP at a trusted server: noise on the sum, then the mean
+            delta = delta - lr * noise / max(1, len(book.accepted))
         # Everything validated: now mutate.
         self.accumulator += delta
         self.completed_round = server_round
@@ -236,7 +327,7 @@ class FedKSeedServer(ServerAlgorithm):
         for node in steps:  # each accepted node holds A as of this round's start
             self.node_versions[node] = server_round
         if self.pro:  # seed importance learns only from the updates the aggregator kept
-            for node in sorted(steps if glob.kept is None else glob.kept):
+            for node in kept:
                 self.importance.update(steps[node].seed_indices, steps[node].projected_grads)
         metrics["seeds_touched"] = int(idx.size)
         return book.outcome(metrics)
@@ -264,6 +355,8 @@ class FedKSeedServer(ServerAlgorithm):
             state[f"delta.{v}.values"] = d.values.copy()
         state.update(with_prefix("pro", self.importance.state_dict()))
         state.update(with_prefix("agg", self.aggregator.state_dict()))
+        if self.privacy is not None:
+            state.update(with_prefix("dp", self.privacy.ledger.state_dict()))
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -291,6 +384,10 @@ class FedKSeedServer(ServerAlgorithm):
             )
         importance = SeedImportance(self.num_seeds, clip=self.importance.clip)
         importance.load_state_dict(under_prefix("pro", state))
+        ledger = None
+        if self.privacy is not None:
+            ledger = self.privacy.new_ledger()
+            ledger.load_state_dict(under_prefix("dp", state))
         self.aggregator.load_state_dict(under_prefix("agg", state))
         nodes = np.asarray(state["node_ids"], dtype=np.int64).tolist()
         rounds = np.asarray(state["node_rounds"], dtype=np.int64).tolist()
@@ -298,5 +395,7 @@ class FedKSeedServer(ServerAlgorithm):
         self.accumulator = accumulator
         self.round_deltas = deltas
         self.importance = importance
+        if self.privacy is not None and ledger is not None:
+            self.privacy.ledger = ledger
         self.node_versions = {int(n): int(r) for n, r in zip(nodes, rounds, strict=True)}
         self.completed_round = int(state["completed_round"])  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from fedtune.wire._validate import (
     check_uint,
     readonly,
 )
+from fedtune.wire.dp_report import DPFigures
 
 IndexArray = npt.NDArray[np.int64]
 U32Array = npt.NDArray[np.uint32]
@@ -161,7 +162,8 @@ class ReplyPayload(ArrayEq):
     num_seeds: K, the pool the indices address (context for validation, not sent). seed_indices:
     int64 index of each step taken; projected_grads: its float32 scalar g. train_loss and
     peak_memory_mb travel as float32 and are stored rounded to float32 so a round trip is exact.
-    num_skipped_steps counts steps dropped for NaN losses (absent from the arrays).
+    num_skipped_steps counts steps dropped for NaN losses (absent from the arrays). dp: the
+    DP figures of a private run (None otherwise).
     """
 
     server_round: int
@@ -173,6 +175,7 @@ class ReplyPayload(ArrayEq):
     num_skipped_steps: int
     peak_memory_mb: float
     fingerprint: str
+    dp: DPFigures | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -196,6 +199,8 @@ class ReplyPayload(ArrayEq):
             raise ValueError(f"peak_memory_mb={mem} must be >= 0")
         set_(self, "peak_memory_mb", mem)
         set_(self, "fingerprint", check_fingerprint(self.fingerprint))
+        if self.dp is not None and not isinstance(self.dp, DPFigures):
+            raise ValueError(f"dp must be DPFigures or None, got {type(self.dp).__name__}")
 
 
 # ----------------------------------------------------------------------------- FedKSeed-Pro helpers
@@ -374,6 +379,7 @@ def encode_reply(p: ReplyPayload, *, scalar_dtype: ScalarDtypeName = "float32") 
         num_skipped_steps=p.num_skipped_steps,
         peak_memory_mb=p.peak_memory_mb,
         fingerprint=p.fingerprint,
+        dp=p.dp.to_pb() if p.dp is not None else None,
     ).SerializeToString()
 
 
@@ -406,6 +412,7 @@ def decode_reply(b: bytes, *, num_seeds: int) -> ReplyPayload:
             num_skipped_steps=msg.num_skipped_steps,
             peak_memory_mb=msg.peak_memory_mb,
             fingerprint=msg.fingerprint,
+            dp=DPFigures.from_pb(msg.dp) if msg.HasField("dp") else None,
         )
     except PayloadError:
         raise

@@ -48,7 +48,7 @@ def test_check_passes_on_faithful_copy(repo_copy: Path) -> None:
 def test_check_fails_when_a_field_is_added(repo_copy: Path) -> None:
     proto = repo_copy / "proto" / "fedtune" / "v1" / "fedkseed.proto"
     text = proto.read_text()
-    edited = text.replace("  string fingerprint = 11;", "  string fingerprint = 11;\n  uint32 extra = 12;")
+    edited = text.replace("  string fingerprint = 11;", "  string fingerprint = 11;\n  uint32 extra = 99;")
     assert edited != text, "fixture edit did not apply; update the anchor string"
     proto.write_text(edited)
 

@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedtune._proto.v1 import privacy_pb2 as fedtune_dot___proto_dot_v1_dot_privacy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedtune/_proto/v1/fedkseed.proto\x12\nfedtune.v1\"\"\n\x10\x44\x65nseAccumulator\x12\x0e\n\x06values\x18\x01 \x01(\x0c\"z\n\x16SparseAccumulatorDelta\x12\x12\n\nbase_round\x18\x01 \x01(\r\x12+\n\x0bindex_width\x18\x02 \x01(\x0e\x32\x16.fedtune.v1.IndexWidth\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xc2\x02\n\tKSeedSync\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x17\n\x0fnum_local_steps\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x11\n\tnum_seeds\x18\x07 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12-\n\x05\x64\x65nse\x18\t \x01(\x0b\x32\x1c.fedtune.v1.DenseAccumulatorH\x00\x12:\n\x0csparse_delta\x18\n \x01(\x0b\x32\".fedtune.v1.SparseAccumulatorDeltaH\x00\x12\x1f\n\x17quantized_probabilities\x18\x0b \x01(\x0c\x42\r\n\x0b\x61\x63\x63umulator\"\xb7\x02\n\nKSeedReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12+\n\x0bindex_width\x18\x04 \x01(\x0e\x32\x16.fedtune.v1.IndexWidth\x12\x14\n\x0cseed_indices\x18\x05 \x01(\x0c\x12-\n\x0cscalar_dtype\x18\x06 \x01(\x0e\x32\x17.fedtune.v1.ScalarDtype\x12\x17\n\x0fprojected_grads\x18\x07 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x08 \x01(\x02\x12\x19\n\x11num_skipped_steps\x18\t \x01(\r\x12\x16\n\x0epeak_memory_mb\x18\n \x01(\x02\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t*Y\n\nIndexWidth\x12\x1b\n\x17INDEX_WIDTH_UNSPECIFIED\x10\x00\x12\x16\n\x12INDEX_WIDTH_UINT16\x10\x01\x12\x16\n\x12INDEX_WIDTH_UINT32\x10\x02*_\n\x0bScalarDtype\x12\x1c\n\x18SCALAR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14SCALAR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14SCALAR_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedtune/_proto/v1/fedkseed.proto\x12\nfedtune.v1\x1a\x1f\x66\x65\x64tune/_proto/v1/privacy.proto\"\"\n\x10\x44\x65nseAccumulator\x12\x0e\n\x06values\x18\x01 \x01(\x0c\"z\n\x16SparseAccumulatorDelta\x12\x12\n\nbase_round\x18\x01 \x01(\r\x12+\n\x0bindex_width\x18\x02 \x01(\x0e\x32\x16.fedtune.v1.IndexWidth\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xc2\x02\n\tKSeedSync\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x17\n\x0fnum_local_steps\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x11\n\tnum_seeds\x18\x07 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12-\n\x05\x64\x65nse\x18\t \x01(\x0b\x32\x1c.fedtune.v1.DenseAccumulatorH\x00\x12:\n\x0csparse_delta\x18\n \x01(\x0b\x32\".fedtune.v1.SparseAccumulatorDeltaH\x00\x12\x1f\n\x17quantized_probabilities\x18\x0b \x01(\x0c\x42\r\n\x0b\x61\x63\x63umulator\"\xd9\x02\n\nKSeedReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12+\n\x0bindex_width\x18\x04 \x01(\x0e\x32\x16.fedtune.v1.IndexWidth\x12\x14\n\x0cseed_indices\x18\x05 \x01(\x0c\x12-\n\x0cscalar_dtype\x18\x06 \x01(\x0e\x32\x17.fedtune.v1.ScalarDtype\x12\x17\n\x0fprojected_grads\x18\x07 \x01(\x0c\x12\x12\n\ntrain_loss\x18\x08 \x01(\x02\x12\x19\n\x11num_skipped_steps\x18\t \x01(\r\x12\x16\n\x0epeak_memory_mb\x18\n \x01(\x02\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12 \n\x02\x64p\x18\x0c \x01(\x0b\x32\x14.fedtune.v1.DPReport*Y\n\nIndexWidth\x12\x1b\n\x17INDEX_WIDTH_UNSPECIFIED\x10\x00\x12\x16\n\x12INDEX_WIDTH_UINT16\x10\x01\x12\x16\n\x12INDEX_WIDTH_UINT32\x10\x02*_\n\x0bScalarDtype\x12\x1c\n\x18SCALAR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14SCALAR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14SCALAR_DTYPE_FLOAT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune._proto.v1.fedkseed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INDEXWIDTH']._serialized_start=847
-  _globals['_INDEXWIDTH']._serialized_end=936
-  _globals['_SCALARDTYPE']._serialized_start=938
-  _globals['_SCALARDTYPE']._serialized_end=1033
-  _globals['_DENSEACCUMULATOR']._serialized_start=48
-  _globals['_DENSEACCUMULATOR']._serialized_end=82
-  _globals['_SPARSEACCUMULATORDELTA']._serialized_start=84
-  _globals['_SPARSEACCUMULATORDELTA']._serialized_end=206
-  _globals['_KSEEDSYNC']._serialized_start=209
-  _globals['_KSEEDSYNC']._serialized_end=531
-  _globals['_KSEEDREPLY']._serialized_start=534
-  _globals['_KSEEDREPLY']._serialized_end=845
+  _globals['_INDEXWIDTH']._serialized_start=914
+  _globals['_INDEXWIDTH']._serialized_end=1003
+  _globals['_SCALARDTYPE']._serialized_start=1005
+  _globals['_SCALARDTYPE']._serialized_end=1100
+  _globals['_DENSEACCUMULATOR']._serialized_start=81
+  _globals['_DENSEACCUMULATOR']._serialized_end=115
+  _globals['_SPARSEACCUMULATORDELTA']._serialized_start=117
+  _globals['_SPARSEACCUMULATORDELTA']._serialized_end=239
+  _globals['_KSEEDSYNC']._serialized_start=242
+  _globals['_KSEEDSYNC']._serialized_end=564
+  _globals['_KSEEDREPLY']._serialized_start=567
+  _globals['_KSEEDREPLY']._serialized_end=912
 # @@protoc_insertion_point(module_scope)

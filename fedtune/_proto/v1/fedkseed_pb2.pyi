@@ -1,3 +1,4 @@
+from fedtune._proto.v1 import privacy_pb2 as _privacy_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -69,7 +70,7 @@ class KSeedSync(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., lr: _Optional[float] = ..., eps: _Optional[float] = ..., num_local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_seeds: _Optional[int] = ..., fingerprint: _Optional[str] = ..., dense: _Optional[_Union[DenseAccumulator, _Mapping]] = ..., sparse_delta: _Optional[_Union[SparseAccumulatorDelta, _Mapping]] = ..., quantized_probabilities: _Optional[bytes] = ...) -> None: ...
 
 class KSeedReply(_message.Message):
-    __slots__ = ("schema_version", "server_round", "num_examples", "index_width", "seed_indices", "scalar_dtype", "projected_grads", "train_loss", "num_skipped_steps", "peak_memory_mb", "fingerprint")
+    __slots__ = ("schema_version", "server_round", "num_examples", "index_width", "seed_indices", "scalar_dtype", "projected_grads", "train_loss", "num_skipped_steps", "peak_memory_mb", "fingerprint", "dp")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +82,7 @@ class KSeedReply(_message.Message):
     NUM_SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     server_round: int
     num_examples: int
@@ -92,4 +94,5 @@ class KSeedReply(_message.Message):
     num_skipped_steps: int
     peak_memory_mb: float
     fingerprint: str
-    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., num_examples: _Optional[int] = ..., index_width: _Optional[_Union[IndexWidth, str]] = ..., seed_indices: _Optional[bytes] = ..., scalar_dtype: _Optional[_Union[ScalarDtype, str]] = ..., projected_grads: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., num_skipped_steps: _Optional[int] = ..., peak_memory_mb: _Optional[float] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    dp: _privacy_pb2.DPReport
+    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., num_examples: _Optional[int] = ..., index_width: _Optional[_Union[IndexWidth, str]] = ..., seed_indices: _Optional[bytes] = ..., scalar_dtype: _Optional[_Union[ScalarDtype, str]] = ..., projected_grads: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., num_skipped_steps: _Optional[int] = ..., peak_memory_mb: _Optional[float] = ..., fingerprint: _Optional[str] = ..., dp: _Optional[_Union[_privacy_pb2.DPReport, _Mapping]] = ...) -> None: ...

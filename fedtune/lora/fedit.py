@@ -5,8 +5,9 @@ the server. Flower-free; :mod:`fedtune.flower.lora_apps` wires it to Flower.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,9 @@ from transformers import PreTrainedModel
 
 from fedtune.config import LoRASection
 from fedtune.data.batch import TokenBatch
-from fedtune.zo.loss import answer_loss
+from fedtune.privacy.dp_sgd import DPSGDSettings, train_dp_sgd
+from fedtune.privacy.noise import SecureGaussian
+from fedtune.zo.loss import answer_loss, answer_loss_per_example
 
 LORA_INIT_TAG = 0x10BA
 LORA_DROPOUT_TAG = 0xD0D0
@@ -134,6 +137,32 @@ def load_adapter_arrays(model: PeftModel, arrays: Mapping[str, npt.NDArray[np.fl
 class LocalResult:
     train_loss: float
     steps: int
+    #: DP-SGD only: local steps whose Poisson sample was empty (they still added noise).
+    empty_steps: int = 0
+
+
+def _trainable(model: PeftModel) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; wrap it with add_lora first")
+    return params
+
+
+@contextlib.contextmanager
+def _keyed_training(model: PeftModel, key: tuple[int, ...], device: torch.device) -> Iterator[None]:
+    """Train mode with every :class:`KeyedDropout` drawing from one generator keyed by ``key``."""
+    seed = int(np.random.SeedSequence([LORA_DROPOUT_TAG, *key]).generate_state(1)[0])
+    dropout_gen = torch.Generator(device=device).manual_seed(seed)
+    drops = [m for m in model.modules() if isinstance(m, KeyedDropout)]
+    for drop in drops:  # one stream, consumed in the model's (fixed) forward order
+        drop.generator = dropout_gen
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        for drop in drops:
+            drop.generator = None
 
 
 def train_local(
@@ -150,28 +179,58 @@ def train_local(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}; raise lora.local_steps")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; wrap it with add_lora first")
+    params = _trainable(model)
     device = params[0].device
     base = model.get_base_model()  # the decoder with LoRA layers injected in place
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    seed = int(np.random.SeedSequence([LORA_DROPOUT_TAG, *key]).generate_state(1)[0])
-    dropout_gen = torch.Generator(device=device).manual_seed(seed)
-    drops = [m for m in model.modules() if isinstance(m, KeyedDropout)]
-    for drop in drops:  # one stream, consumed in the model's (fixed) forward order
-        drop.generator = dropout_gen
     losses: list[float] = []
-    model.train()
-    try:
+    with _keyed_training(model, key, device):
         for t in range(steps):
             loss = answer_loss(base, batch_for_step(t).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             losses.append(float(loss.detach()))
-    finally:
-        model.eval()
-        for drop in drops:
-            drop.generator = None
     return LocalResult(train_loss=float(np.mean(losses)), steps=steps)
+
+
+def train_local_private(
+    model: PeftModel,
+    *,
+    batch_for_step: Callable[[int], TokenBatch | None],
+    steps: int,
+    lr: float,
+    key: tuple[int, ...],
+    settings: DPSGDSettings,
+    noise: SecureGaussian | None = None,
+) -> LocalResult:
+    """The FedIT local update as DP-SGD (sample-level DP): opacus per-sample gradients of the LoRA
+    matrices, each example's gradient clipped to ``settings.clip``, secure noise, AdamW on the result.
+
+    ``batch_for_step(t)`` is the step's Poisson sample (None when empty). Each example's loss is its
+    own mean answer-token cross-entropy, so one example cannot move another's gradient. AdamW only
+    post-processes the noised gradients, so the privacy guarantee is DP-SGD's.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}; raise lora.local_steps")
+    params = _trainable(model)
+    device = params[0].device
+    base = model.get_base_model()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def per_example_loss(batch: TokenBatch) -> torch.Tensor:
+        return answer_loss_per_example(base, batch.to(device))
+
+    with _keyed_training(model, key, device):
+        done = train_dp_sgd(
+            base,
+            params,
+            optimizer=opt,
+            per_example_loss=per_example_loss,
+            batch_for_step=batch_for_step,
+            steps=steps,
+            settings=settings,
+            noise=noise,
+        )
+    loss = float(np.mean(done.losses)) if done.losses else 0.0
+    return LocalResult(train_loss=loss, steps=steps, empty_steps=done.empty_steps)

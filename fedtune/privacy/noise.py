@@ -52,6 +52,12 @@ class SecureGaussian:
             out[start : start + n] = z[:n]
         return out * std
 
+    def uniform(self, size: int) -> npt.NDArray[np.float64]:
+        """``size`` independent uniforms on (0, 1), e.g. for secret Poisson subsampling masks."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        return self._uniform(size)
+
     def scalar(self, std: float) -> float:
         return float(self.normal(1, std)[0])
 

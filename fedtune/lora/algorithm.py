@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -19,8 +19,25 @@ from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.assets.device import resolve_device
 from fedtune.assets.models import load_causal_lm, load_tokenizer
 from fedtune.config import RunConfig
-from fedtune.lora.fedit import AdapterArrays, adapter_arrays, add_lora, load_adapter_arrays, train_local
+from fedtune.lora.dp import (
+    LoRAServerPrivacy,
+    client_noise_std,
+    dp_figures,
+    dp_sgd_settings,
+    poisson_batches,
+    private_client_update,
+)
+from fedtune.lora.fedit import (
+    AdapterArrays,
+    LocalResult,
+    adapter_arrays,
+    add_lora,
+    load_adapter_arrays,
+    train_local,
+    train_local_private,
+)
 from fedtune.lora.server import LoRAFedAvgServer
+from fedtune.privacy import SecureGaussian
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 
 _LOCK = threading.Lock()
@@ -33,8 +50,10 @@ def _cached(cfg: RunConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, Adapter
     with _LOCK:
         if key not in _MODELS:
             base = load_causal_lm(cfg.model.name, num_layers=cfg.model.num_layers or None)
-            # Adapters are initialised on the CPU, then the whole model moves: the starting adapter is
-            # the same on every device.
+            # The base moves before peft wraps it (opacus#820: LoRA weights wrapped before the move
+            # were not updated under DP-SGD); lora_A is drawn from a CPU generator and copied in, so
+            # the starting adapter is the same on every device.
+            base.to(device)  # type: ignore[arg-type]  # transformers types .to() as a dtype cast
             model = add_lora(base, cfg.lora, seed=cfg.run.seed)
             model.to(device)
             _MODELS[key] = (model, load_tokenizer(cfg.model.name), adapter_arrays(model))
@@ -67,6 +86,7 @@ class _LoRAServer(LoRAFedAvgServer):
             aggregator,
             max_weight_ratio=cfg.aggregator.max_weight_ratio,
             eval_model=self._eval,
+            privacy=LoRAServerPrivacy(cfg) if cfg.privacy.enabled else None,
         )
 
     def _eval(self, arrays: AdapterArrays) -> EvalModel:
@@ -91,30 +111,83 @@ class LoRANode(ClientAlgorithm):
         model, tokenizer = get_lora_model(cfg)
         load_adapter_arrays(model, sync.arrays)
         key = (cfg.run.seed, sync.server_round, node.partition_id)
-        batches = node.data.batches(
-            tokenizer,
-            batch_size=cfg.lora.batch_size,
-            max_length=cfg.model.max_length,
-            key=key,
-            template=cfg.data.prompt_template,
-        )
-        result = train_local(
-            model, batch_for_step=batches, steps=cfg.lora.local_steps, lr=cfg.lora.lr, key=key
-        )
+        num_examples = len(node.data)
+        figures = dp_figures(cfg, num_examples=num_examples)
+        rng = SecureGaussian() if figures is not None else None
+        if figures is not None and rng is not None and cfg.privacy.mechanism == "sample":
+            batches = poisson_batches(
+                node.data,
+                tokenizer,
+                sample_rate=figures.sample_rate,
+                max_length=cfg.model.max_length,
+                template=cfg.data.prompt_template,
+                rng=rng,
+            )
+            result: LocalResult = train_local_private(
+                model,
+                batch_for_step=batches,
+                steps=cfg.lora.local_steps,
+                lr=cfg.lora.lr,
+                key=key,
+                settings=dp_sgd_settings(cfg, figures, num_examples),
+                noise=rng,
+            )
+            arrays = adapter_arrays(model)
+        else:
+            result = train_local(
+                model,
+                batch_for_step=node.data.batches(
+                    tokenizer,
+                    batch_size=cfg.lora.batch_size,
+                    max_length=cfg.model.max_length,
+                    key=key,
+                    template=cfg.data.prompt_template,
+                ),
+                steps=cfg.lora.local_steps,
+                lr=cfg.lora.lr,
+                key=key,
+            )
+            arrays = adapter_arrays(model)
+            if figures is not None and rng is not None:  # client level: clip (and noise) the update
+                arrays = private_client_update(
+                    arrays,
+                    sync.arrays,
+                    clip=figures.clip,
+                    noise_std=client_noise_std(cfg, figures),
+                    rng=rng,
+                )
         return encode_adapter_reply(
             AdapterReplyPayload(
                 server_round=sync.server_round,
-                num_examples=len(node.data),
+                num_examples=num_examples,
                 train_loss=result.train_loss,
                 peak_memory_mb=peak_rss_mb(),
-                arrays=adapter_arrays(model),
+                arrays=arrays,
+                dp=figures,
             )
         )
 
 
 @register_algorithm("lora-fedavg")
 class LoRAFedAvg(Algorithm):
-    """LoRA-FedAvg: peft LoRA adapters trained locally with AdamW and averaged by the server."""
+    """LoRA-FedAvg: peft LoRA adapters trained locally with AdamW and averaged by the server.
+
+    Privacy (:mod:`fedtune.lora.dp`): ``sample`` runs the local steps as opacus DP-SGD; ``client``
+    is DP-FedAvg (each client's round update clipped, Gaussian noise at the clients or the server).
+    """
+
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample", "client")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        if cfg.privacy.mechanism == "client":
+            weighting = dict(cfg.aggregator.options).get("weighting", "examples")
+            if cfg.aggregator.name != "weighted-mean" or weighting != "equal":
+                raise ValueError(
+                    "privacy.mechanism = 'client' bounds each client's share of the round's sum, which "
+                    "holds only for a plain mean: set aggregator.name = 'weighted-mean' and "
+                    "[aggregator.options] weighting = 'equal'"
+                )
 
     def server(self, aggregator: Aggregator) -> LoRAFedAvgServer:
         return _LoRAServer(self.cfg, aggregator)

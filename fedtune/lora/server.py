@@ -16,7 +16,9 @@ import numpy.typing as npt
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
 from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, under_prefix, with_prefix
+from fedtune.lora.dp import LoRAServerPrivacy
 from fedtune.wire.codec import PayloadError
+from fedtune.wire.dp_report import DPFigures
 from fedtune.wire.lora_codec import (
     AdapterReplyPayload,
     AdapterSyncPayload,
@@ -38,6 +40,7 @@ class LoRAFedAvgServer(ServerAlgorithm):
         *,
         max_weight_ratio: float = 10.0,
         eval_model: Callable[[AdapterArrays], EvalModel] | None = None,
+        privacy: LoRAServerPrivacy | None = None,
     ) -> None:
         self.global_arrays: AdapterArrays = {
             k: np.asarray(v, np.float32).copy() for k, v in global_arrays.items()
@@ -45,6 +48,7 @@ class LoRAFedAvgServer(ServerAlgorithm):
         self.aggregator = aggregator
         self.max_weight_ratio = max_weight_ratio
         self._eval_model = eval_model
+        self.privacy = privacy
         self.completed_round = 0
         self._sent: tuple[int, set[int]] = (0, set())
 
@@ -77,11 +81,16 @@ class LoRAFedAvgServer(ServerAlgorithm):
         for name, ref in self.global_arrays.items():
             if reply.arrays[name].shape != ref.shape:
                 return f"adapter {name} has shape {reply.arrays[name].shape}, expected {ref.shape}"
+        if self.privacy is not None:
+            problem = self.privacy.check(reply.dp, reply.num_examples)
+            if problem is not None:
+                return problem
         return reply
 
     def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
         sent_round, sent = self._sent
         book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
+        released: dict[int, DPFigures] = {}
         for r in replies:
             payload = book.admit(r)
             if payload is None:
@@ -91,9 +100,15 @@ class LoRAFedAvgServer(ServerAlgorithm):
                 book.reject(r.node_id, res)
                 continue
             deltas = {k: (res.arrays[k] - ref).astype(np.float32) for k, ref in self.global_arrays.items()}
+            if self.privacy is not None and res.dp is not None:
+                deltas = self.privacy.server_clip(deltas)
+                released[r.node_id] = res.dp
             update = ClientUpdate(r.node_id, res.num_examples, deltas)
             book.accept(update, train_loss=res.train_loss, peak_memory_mb=res.peak_memory_mb)
-        metrics = book.metrics()
+        metrics: dict[str, float] = dict(book.metrics())
+        if self.privacy is not None:  # released is released, whether or not the round applies
+            self.privacy.record(released)
+            metrics.update(self.privacy.metrics())
         glob = book.aggregate(
             self.aggregator,
             min_replies=min_replies,
@@ -102,10 +117,14 @@ class LoRAFedAvgServer(ServerAlgorithm):
         )
         if isinstance(glob, str):
             return book.outcome(metrics, note=glob)
-        self.global_arrays = {
-            k: (ref + np.asarray(glob.arrays[k], np.float32)).astype(np.float32)
-            for k, ref in self.global_arrays.items()
-        }
+        step = {k: np.asarray(glob.arrays[k], np.float64) for k in self.global_arrays}
+        noise = (
+            None if self.privacy is None else self.privacy.server_noise({k: v.shape for k, v in step.items()})
+        )
+        if noise is not None:  # client-level DP at a trusted server: noise on the sum, then the mean
+            n = max(1, len(book.accepted))
+            step = {k: v + noise[k] / n for k, v in step.items()}
+        self.global_arrays = {k: (ref + step[k]).astype(np.float32) for k, ref in self.global_arrays.items()}
         self.completed_round = server_round
         return book.outcome(metrics)
 
@@ -120,6 +139,8 @@ class LoRAFedAvgServer(ServerAlgorithm):
         }
         state.update(with_prefix("adapter", {k: v.copy() for k, v in self.global_arrays.items()}))
         state.update(with_prefix("agg", self.aggregator.state_dict()))
+        if self.privacy is not None:
+            state.update(self.privacy.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -136,6 +157,9 @@ class LoRAFedAvgServer(ServerAlgorithm):
             if arr.shape != ref.shape or not np.isfinite(arr).all():
                 raise ValueError(f"checkpoint adapter {name} has shape {arr.shape} or non-finite values")
             arrays[name] = arr.copy()
+        ledger = None if self.privacy is None else self.privacy.ledger_from_state(state)
         self.aggregator.load_state_dict(under_prefix("agg", state))
+        if self.privacy is not None and ledger is not None:
+            self.privacy.ledger = ledger
         self.global_arrays = arrays
         self.completed_round = int(state["completed_round"])  # type: ignore[arg-type]

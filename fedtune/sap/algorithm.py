@@ -50,6 +50,19 @@ class SplitAndPrivatize(Algorithm):
         step_timeout_s: float = 300.0,
     ) -> None:
         super().__init__(cfg)
+        if cfg.privacy.enabled:
+            # What leaves a SAP client is the privatized embeddings (d_chi-privacy on each token's
+            # vector, SAPOptions.eta: metric DP, not (epsilon, delta)) and, U-shaped, the head's weights
+            # and each batch's dLoss/d(trunk output) sent up to the server. DP-SGD on the client head
+            # would not bound the latter, which depend on every example's label unclipped.
+            raise ValueError(
+                f"privacy.mechanism = {cfg.privacy.mechanism!r} is not available for run.algorithm = 'sap': "
+                "SAP's privacy is its d_chi privatizer ([algorithm.options] privatize = true, eta), a "
+                "metric-DP guarantee per token embedding, not an (epsilon, delta) accountant's. "
+                "(epsilon, delta)-DP for SAP would need per-example clipping and noising of everything "
+                "sent up (the embeddings and, U-shaped, the gradients at the cut and the head), which "
+                "is not implemented; set privacy.mechanism = 'none'"
+            )
         # The signature above is what the registry checks [algorithm.options] against; its
         # parameters are exactly SAPOptions' fields, which validate them.
         given = locals()

@@ -31,6 +31,7 @@ from fedtune.wire._validate import (
     readonly,
 )
 from fedtune.wire.codec import PayloadError, _parse
+from fedtune.wire.dp_report import DPFigures
 
 ArrayMap = Mapping[str, FloatArray]
 
@@ -133,6 +134,7 @@ class AdapterReplyPayload:
 
     num_examples (>= 1) is the FedAvg weight. train_loss and peak_memory_mb (>= 0) travel as float32
     and are stored rounded to float32 so a round trip is exact. arrays: as in :class:`AdapterSyncPayload`.
+    dp: the DP figures of a private run (``privacy.mechanism``), None otherwise.
     """
 
     server_round: int
@@ -140,6 +142,7 @@ class AdapterReplyPayload:
     train_loss: float
     peak_memory_mb: float
     arrays: ArrayMap
+    dp: DPFigures | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -152,6 +155,8 @@ class AdapterReplyPayload:
             raise ValueError(f"peak_memory_mb={mem} must be >= 0")
         set_(self, "peak_memory_mb", mem)
         set_(self, "arrays", check_arrays(self.arrays))
+        if self.dp is not None and not isinstance(self.dp, DPFigures):
+            raise ValueError(f"dp must be DPFigures or None, got {type(self.dp).__name__}")
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -162,6 +167,7 @@ class AdapterReplyPayload:
             and self.num_examples == other.num_examples
             and self.train_loss == other.train_loss
             and self.peak_memory_mb == other.peak_memory_mb
+            and self.dp == other.dp
             and arrays_equal(self.arrays, other.arrays)
         )
 
@@ -243,6 +249,7 @@ def encode_adapter_reply(p: AdapterReplyPayload) -> bytes:
         train_loss=p.train_loss,
         peak_memory_mb=p.peak_memory_mb,
         arrays=pack_arrays(p.arrays),
+        dp=p.dp.to_pb() if p.dp is not None else None,
     ).SerializeToString()
 
 
@@ -257,6 +264,7 @@ def decode_adapter_reply(b: bytes) -> AdapterReplyPayload:
             train_loss=msg.train_loss,
             peak_memory_mb=msg.peak_memory_mb,
             arrays=arrays,
+            dp=DPFigures.from_pb(msg.dp) if msg.HasField("dp") else None,
         )
     except ValueError as exc:
         raise PayloadError(f"invalid AdapterReply: {exc}") from exc

@@ -24,6 +24,7 @@ from fedtune.wire import (
     encode_adapter_reply,
     encode_adapter_sync,
 )
+from fedtune.wire.dp_report import DPFigures
 
 Q_A = "base_model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -404,3 +405,35 @@ def test_decode_rejects_non_bytes() -> None:
 def test_schema_version_on_the_wire() -> None:
     assert pb.AdapterSync.FromString(encode_adapter_sync(_sync())).schema_version == LORA_SCHEMA_VERSION
     assert pb.AdapterReply.FromString(encode_adapter_reply(_reply())).schema_version == LORA_SCHEMA_VERSION
+
+
+# ----------------------------------------------------------------------------- DP figures
+DP = DPFigures(noise_multiplier=1.25, sample_rate=0.1, steps=10, clip=0.5)
+
+
+def test_reply_carries_dp_figures_exactly_and_none_when_absent() -> None:
+    private = _reply(dp=DP)
+    back = decode_adapter_reply(encode_adapter_reply(private))
+    assert back == private and back.dp == DP
+    plain = decode_adapter_reply(encode_adapter_reply(_reply()))
+    assert plain.dp is None and plain != private
+    # without figures the encoding is the pre-DP one: old readers and writers agree byte for byte
+    assert not pb.AdapterReply.FromString(encode_adapter_reply(_reply())).HasField("dp")
+
+
+def test_reply_dp_must_be_figures() -> None:
+    with pytest.raises(ValueError, match="dp must be DPFigures"):
+        _reply(dp={"noise_multiplier": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("noise_multiplier", 0.0), ("sample_rate", 1.5), ("steps", 0), ("clip", float("nan"))],
+)
+def test_decode_reply_rejects_dp_figures_no_honest_client_sends(field: str, value: float) -> None:
+    def edit(m: pb.AdapterReply) -> None:
+        m.dp.CopyFrom(DP.to_pb())
+        setattr(m.dp, field, value)
+
+    with pytest.raises(PayloadError, match="invalid AdapterReply: DP"):
+        decode_adapter_reply(_edit_reply(edit))

@@ -22,19 +22,20 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedtune._proto.v1 import privacy_pb2 as fedtune_dot___proto_dot_v1_dot_privacy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64tune/_proto/v1/lora.proto\x12\nfedtune.v1\"7\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0b\x41\x64\x61pterSync\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12&\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\x16.fedtune.v1.NamedArray\"\xa6\x01\n\x0c\x41\x64\x61pterReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x16\n\x0epeak_memory_mb\x18\x05 \x01(\x02\x12&\n\x06\x61rrays\x18\x06 \x03(\x0b\x32\x16.fedtune.v1.NamedArrayb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64tune/_proto/v1/lora.proto\x12\nfedtune.v1\x1a\x1f\x66\x65\x64tune/_proto/v1/privacy.proto\"7\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0b\x41\x64\x61pterSync\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12&\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\x16.fedtune.v1.NamedArray\"\xc8\x01\n\x0c\x41\x64\x61pterReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x16\n\x0epeak_memory_mb\x18\x05 \x01(\x02\x12&\n\x06\x61rrays\x18\x06 \x03(\x0b\x32\x16.fedtune.v1.NamedArray\x12 \n\x02\x64p\x18\x07 \x01(\x0b\x32\x14.fedtune.v1.DPReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune._proto.v1.lora_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NAMEDARRAY']._serialized_start=44
-  _globals['_NAMEDARRAY']._serialized_end=99
-  _globals['_ADAPTERSYNC']._serialized_start=101
-  _globals['_ADAPTERSYNC']._serialized_end=200
-  _globals['_ADAPTERREPLY']._serialized_start=203
-  _globals['_ADAPTERREPLY']._serialized_end=369
+  _globals['_NAMEDARRAY']._serialized_start=77
+  _globals['_NAMEDARRAY']._serialized_end=132
+  _globals['_ADAPTERSYNC']._serialized_start=134
+  _globals['_ADAPTERSYNC']._serialized_end=233
+  _globals['_ADAPTERREPLY']._serialized_start=236
+  _globals['_ADAPTERREPLY']._serialized_end=436
 # @@protoc_insertion_point(module_scope)

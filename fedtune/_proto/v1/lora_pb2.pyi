@@ -1,3 +1,4 @@
+from fedtune._proto.v1 import privacy_pb2 as _privacy_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -27,17 +28,19 @@ class AdapterSync(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
 
 class AdapterReply(_message.Message):
-    __slots__ = ("schema_version", "server_round", "num_examples", "train_loss", "peak_memory_mb", "arrays")
+    __slots__ = ("schema_version", "server_round", "num_examples", "train_loss", "peak_memory_mb", "arrays", "dp")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     server_round: int
     num_examples: int
     train_loss: float
     peak_memory_mb: float
     arrays: _containers.RepeatedCompositeFieldContainer[NamedArray]
-    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ...) -> None: ...
+    dp: _privacy_pb2.DPReport
+    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[NamedArray, _Mapping]]] = ..., dp: _Optional[_Union[_privacy_pb2.DPReport, _Mapping]] = ...) -> None: ...

@@ -35,3 +35,24 @@ def test_normal_like_keeps_shape_and_dtype() -> None:
     t = torch.zeros(3, 4, dtype=torch.float32)
     n = SecureGaussian().normal_like(t, 1.0)
     assert n.shape == t.shape and n.dtype == torch.float32 and n.abs().sum() > 0
+
+
+def test_draws_leave_the_global_generators_alone() -> None:
+    torch_state, np_state = torch.random.get_rng_state(), np.random.get_state(legacy=True)
+    g = SecureGaussian()
+    g.normal(1000, 1.0), g.scalar(2.0), g.normal_like(torch.zeros(10), 1.0), g.uniform(10)
+    assert torch.equal(torch_state, torch.random.get_rng_state())
+    after = np.random.get_state(legacy=True)
+    assert np.array_equal(np_state[1], after[1]) and np_state[2:] == after[2:]  # type: ignore[index]
+
+
+def test_normal_like_follows_dtype_and_scalar_and_uniform_work() -> None:
+    g = SecureGaussian()
+    for dtype in (torch.float64, torch.bfloat16):
+        n = g.normal_like(torch.zeros(2, 3, dtype=dtype), 0.5)
+        assert n.dtype == dtype and n.shape == (2, 3)
+    assert g.scalar(0.0) == 0.0 and isinstance(g.scalar(1.0), float)
+    u = g.uniform(100_000)
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+    with pytest.raises(ValueError):
+        g.uniform(-1)

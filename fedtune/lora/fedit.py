@@ -36,8 +36,10 @@ def add_lora(model: PreTrainedModel, cfg: LoRASection, *, seed: int) -> PeftMode
     (same kaiming-uniform bound, lora_B = 0 as in LoRA) makes the starting adapter reproducible
     without seeding anything global.
     """
-    # peft draws its initial lora_A from torch's global RNG; fork it so that draw leaves no trace.
-    with torch.random.fork_rng(devices=[]):
+    # peft draws its initial lora_A from torch's global RNG (the CUDA one for a model already on the
+    # GPU, as opacus#820 asks); fork them so that draw leaves no trace.
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
         peft_model = _wrap(model, cfg)
     init_lora_weights(peft_model, seed=seed)
     for module in peft_model.modules():

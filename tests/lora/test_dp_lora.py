@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from fedtune.algorithms.base import NodeReply
 from fedtune.config import RunConfig
@@ -235,3 +236,34 @@ def test_a_checkpoint_without_a_ledger_is_refused(run_cfg: Any) -> None:
     other.record(0, noise_multiplier=1.0, sample_rate=0.1, steps=1)
     with pytest.raises(ValueError):
         privacy.ledger_from_state({f"dp.{k}": v for k, v in other.state_dict().items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dp_sgd_on_cuda_starts_like_the_cpu_and_moves_the_weights(run_cfg: Any) -> None:
+    """opacus#820 on the device it was reported on: the base moves before peft wraps it."""
+    from fedtune.data.collate import encode_examples
+    from fedtune.lora.algorithm import get_lora_model, initial_adapter
+    from fedtune.lora.dp import dp_sgd_settings
+    from fedtune.lora.fedit import adapter_arrays, train_local_private
+
+    cfg: RunConfig = run_cfg(**{**SAMPLE, "model.device": "cuda"})
+    model, tok = get_lora_model(cfg)
+    start = initial_adapter(cfg)
+    cpu_start = initial_adapter(run_cfg(**SAMPLE))
+    assert all(np.array_equal(start[k], cpu_start[k]) for k in start)
+    batch = encode_examples(tok, ["Say yes.", "Say no."], ["yes", "no"], max_length=32)
+    figures = dp_figures(cfg, num_examples=20)
+    assert figures is not None
+    result = train_local_private(
+        model,
+        batch_for_step=lambda t: batch if t == 0 else None,
+        steps=2,
+        lr=1e-2,
+        key=(0, 1, 0),
+        settings=dp_sgd_settings(cfg, figures, 20),
+    )
+    assert result.empty_steps == 1 and np.isfinite(result.train_loss)
+    moved = adapter_arrays(model)
+    assert all(np.isfinite(v).all() for v in moved.values())
+    assert any(not np.array_equal(moved[k], start[k]) for k in start if "lora_B" in k)

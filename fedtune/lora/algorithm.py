@@ -5,15 +5,17 @@ Tuning", ICASSP 2024) as a registered algorithm: options from ``[lora]``, payloa
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.aggregators.base import Aggregator
-from fedtune.algorithms.base import Algorithm, ClientAlgorithm, EvalModel, NodeContext
+from fedtune.algorithms.base import Algorithm, ClientAlgorithm, EvalModel, NodeContext, Summand
 from fedtune.algorithms.registry import register_algorithm
 from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.assets.device import resolve_device
@@ -36,7 +38,7 @@ from fedtune.lora.fedit import (
     train_local,
     train_local_private,
 )
-from fedtune.lora.server import LoRAFedAvgServer
+from fedtune.lora.server import SUMMED, AdapterArrays, LoRAFedAvgServer
 from fedtune.privacy import SecureGaussian
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 
@@ -106,6 +108,18 @@ class LoRANode(ClientAlgorithm):
         self.cfg = cfg
 
     def train(self, payload: bytes, node: NodeContext) -> bytes:
+        return encode_adapter_reply(self._round(payload, node)[0])
+
+    def train_summand(self, payload: bytes, node: NodeContext) -> Summand:
+        """The adapter update (trained minus received) into the secure sum; the rest in the clear."""
+        reply, received = self._round(payload, node)
+        vector = np.concatenate(
+            [(reply.arrays[k].astype(np.float64) - received[k]).ravel() for k in received]
+        )
+        public = dataclasses.replace(reply, arrays={SUMMED: np.zeros(1, np.float32)})
+        return Summand(vector=vector, weight=float(reply.num_examples), public=encode_adapter_reply(public))
+
+    def _round(self, payload: bytes, node: NodeContext) -> tuple[AdapterReplyPayload, AdapterArrays]:
         cfg = self.cfg
         sync = decode_adapter_sync(payload)
         model, tokenizer = get_lora_model(cfg)
@@ -156,16 +170,15 @@ class LoRANode(ClientAlgorithm):
                     noise_std=client_noise_std(cfg, figures),
                     rng=rng,
                 )
-        return encode_adapter_reply(
-            AdapterReplyPayload(
-                server_round=sync.server_round,
-                num_examples=num_examples,
-                train_loss=result.train_loss,
-                peak_memory_mb=peak_rss_mb(),
-                arrays=arrays,
-                dp=figures,
-            )
+        reply = AdapterReplyPayload(
+            server_round=sync.server_round,
+            num_examples=num_examples,
+            train_loss=result.train_loss,
+            peak_memory_mb=peak_rss_mb(),
+            arrays=arrays,
+            dp=figures,
         )
+        return reply, {k: np.asarray(v, np.float32) for k, v in sync.arrays.items()}
 
 
 @register_algorithm("lora-fedavg")
@@ -177,6 +190,7 @@ class LoRAFedAvg(Algorithm):
     """
 
     privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample", "client")
+    supports_secure_aggregation: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)

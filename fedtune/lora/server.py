@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
-from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, under_prefix, with_prefix
+from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, secure_mean, under_prefix, with_prefix
 from fedtune.lora.dp import LoRAServerPrivacy
 from fedtune.wire.codec import PayloadError
 from fedtune.wire.dp_report import DPFigures
@@ -28,6 +28,8 @@ from fedtune.wire.lora_codec import (
 
 STATE_VERSION = 1
 AdapterArrays = dict[str, npt.NDArray[np.float32]]
+# The one placeholder array of a securely aggregated reply: its update is inside the secure sum.
+SUMMED = "secagg.summed"
 
 
 class LoRAFedAvgServer(ServerAlgorithm):
@@ -67,7 +69,10 @@ class LoRAFedAvgServer(ServerAlgorithm):
         self._sent = (server_round, set(node_ids))
         return dict.fromkeys(node_ids, payload)
 
-    def validate(self, payload: bytes, server_round: int) -> AdapterReplyPayload | str:
+    def validate(
+        self, payload: bytes, server_round: int, *, summed: bool = False
+    ) -> AdapterReplyPayload | str:
+        """Decode and check one reply (``summed``: the public part of a securely aggregated one)."""
         try:
             reply = decode_adapter_reply(payload)
         except PayloadError as exc:
@@ -76,9 +81,12 @@ class LoRAFedAvgServer(ServerAlgorithm):
             return f"reply is for round {reply.server_round}, expected {server_round}"
         if not 0 < reply.num_examples <= MAX_NUM_EXAMPLES:
             return f"absurd num_examples {reply.num_examples}"
-        if list(reply.arrays) != list(self.global_arrays):
+        if summed:
+            if list(reply.arrays) != [SUMMED] or reply.arrays[SUMMED].size != 1:
+                return "a securely aggregated reply must not carry its adapter in the clear"
+        elif list(reply.arrays) != list(self.global_arrays):
             return "adapter names differ from the global adapter"
-        for name, ref in self.global_arrays.items():
+        for name, ref in ({} if summed else self.global_arrays).items():
             if reply.arrays[name].shape != ref.shape:
                 return f"adapter {name} has shape {reply.arrays[name].shape}, expected {ref.shape}"
         if self.privacy is not None:
@@ -118,6 +126,67 @@ class LoRAFedAvgServer(ServerAlgorithm):
         if isinstance(glob, str):
             return book.outcome(metrics, note=glob)
         step = {k: np.asarray(glob.arrays[k], np.float64) for k in self.global_arrays}
+        return self._apply(server_round, book, step, metrics)
+
+    def summand_length(self, server_round: int) -> int:
+        return int(sum(a.size for a in self.global_arrays.values()))
+
+    def aggregate_sum(
+        self,
+        server_round: int,
+        weighted_sum: npt.NDArray[np.float64],
+        total_weight: float,
+        replies: Sequence[NodeReply],
+        *,
+        min_replies: int,
+    ) -> RoundOutcome:
+        """Apply a secure round: the sum holds each survivor's flattened adapter update times its weight."""
+        sent_round, sent = self._sent
+        book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
+        released: dict[int, DPFigures] = {}
+        for r in replies:
+            payload = book.admit(r)
+            if payload is None:
+                continue
+            res = self.validate(payload, server_round, summed=True)
+            if isinstance(res, str):
+                book.reject(r.node_id, res)
+                continue
+            if res.dp is not None:
+                released[r.node_id] = res.dp
+            book.accept(
+                ClientUpdate(r.node_id, res.num_examples, dict(res.arrays)),
+                train_loss=res.train_loss,
+                peak_memory_mb=res.peak_memory_mb,
+            )
+        metrics: dict[str, float] = dict(book.metrics())
+        if self.privacy is not None:
+            self.privacy.record(released)
+            metrics.update(self.privacy.metrics())
+        mean = secure_mean(
+            book,
+            weighted_sum,
+            total_weight,
+            survivors=sum(1 for r in replies if r.payload is not None),
+            min_replies=max(min_replies, self.aggregator.min_clients),
+            length=self.summand_length(server_round),
+        )
+        if isinstance(mean, str):
+            return book.outcome(metrics, note=mean)
+        step: dict[str, npt.NDArray[np.float64]] = {}
+        offset = 0
+        for k, ref in self.global_arrays.items():
+            step[k] = mean[offset : offset + ref.size].reshape(ref.shape)
+            offset += ref.size
+        return self._apply(server_round, book, step, metrics)
+
+    def _apply(
+        self,
+        server_round: int,
+        book: RoundBook,
+        step: dict[str, npt.NDArray[np.float64]],
+        metrics: dict[str, float],
+    ) -> RoundOutcome:
         noise = (
             None if self.privacy is None else self.privacy.server_noise({k: v.shape for k, v in step.items()})
         )

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtune.aggregators import create_aggregator
-from fedtune.algorithms.base import NodeReply, RoundOutcome, ServerAlgorithm
+from fedtune.aggregators import Aggregator, WeightedMean, create_aggregator
+from fedtune.algorithms.base import Algorithm, NodeReply, RoundOutcome, ServerAlgorithm
 from fedtune.algorithms.registry import create_algorithm
 from fedtune.config import RunConfig
 from fedtune.experiment import build_federated_data
@@ -49,7 +49,29 @@ def check_config(cfg: RunConfig) -> None:
     """The checks :func:`build_run` makes, without loading a model: the CLI runs them before Ray starts."""
     aggregator = create_aggregator(cfg.aggregator.name, dict(cfg.aggregator.options))
     _check_sampling(cfg, aggregator.min_clients)
-    create_algorithm(cfg)
+    _check_privacy(cfg, create_algorithm(cfg), aggregator)
+
+
+def _check_privacy(cfg: RunConfig, algorithm: Algorithm, aggregator: Aggregator) -> None:
+    name = cfg.run.algorithm
+    if cfg.privacy.enabled and cfg.privacy.mechanism not in algorithm.privacy_mechanisms:
+        offered = ", ".join(algorithm.privacy_mechanisms) or "none"
+        raise ValueError(
+            f"privacy.mechanism = {cfg.privacy.mechanism!r} is not implemented by algorithm {name!r} "
+            f"(it offers: {offered}); pick one of those or set privacy.mechanism = 'none'"
+        )
+    if cfg.secagg.enabled:
+        if not algorithm.supports_secure_aggregation:
+            raise ValueError(
+                f"secagg.enabled: algorithm {name!r} does not implement secure aggregation "
+                "(Summand / aggregate_sum); turn secagg off or pick fedkseed or lora-fedavg"
+            )
+        if not isinstance(aggregator, WeightedMean):
+            raise ValueError(
+                f"secagg.enabled with aggregator {cfg.aggregator.name!r}: under secure aggregation the "
+                "server sees only the sum, but this rule needs each client's update (robust rules compare "
+                "updates); use aggregator.name = 'weighted-mean' or turn secagg off"
+            )
 
 
 def _check_sampling(cfg: RunConfig, min_clients: int) -> None:
@@ -65,7 +87,9 @@ def build_run(cfg: RunConfig) -> RunSetup:
     """Algorithm, aggregator and the cross-checks between them and the config (ValueError = config error)."""
     aggregator = create_aggregator(cfg.aggregator.name, dict(cfg.aggregator.options))
     _check_sampling(cfg, aggregator.min_clients)
-    server = create_algorithm(cfg).server(aggregator)
+    algorithm = create_algorithm(cfg)
+    _check_privacy(cfg, algorithm, aggregator)
+    server = algorithm.server(aggregator)
     return RunSetup(cfg, server, max(cfg.federation.min_replies, server.min_updates))
 
 
@@ -197,8 +221,6 @@ class RunLoop:
                 f"{self.cfg.federation.node_wait_s:.0f} s (federation.node-wait-s)"
             )
             return None
-        payloads = self.setup.server.configure(server_round, clients)
-        self.recorder.note(f"round {server_round}: training on clients {sorted(payloads)}")
 
         def on_reply(reply: NodeReply, done: int, total: int) -> None:
             status = "error" if reply.error is not None else "reply"
@@ -207,14 +229,30 @@ class RunLoop:
                 f"{time.perf_counter() - t0:.1f} s)"
             )
 
-        request = RoundRequest(server_round, payloads, self.run_key, self.cfg.federation.round_timeout_s)
-        exchange = self.transport.exchange(request, on_reply)
-        outcome = self.setup.server.aggregate(
-            server_round, exchange.replies, min_replies=self.setup.min_replies
-        )
-        row = self._row(
-            outcome, payloads, exchange.replies, exchange.message_bytes_down, exchange.message_bytes_up
-        )
+        if self.cfg.secagg.enabled:
+            from fedtune.runtime.secure import SecureRound
+
+            secure = SecureRound(self.cfg, self.setup.server, self.transport, note=self.recorder.note)
+            ex = secure.run(
+                server_round, clients, self.run_key, min_replies=self.setup.min_replies, on_reply=on_reply
+            )
+            outcome, payloads = ex.outcome, ex.payloads
+            row = self._row(outcome, payloads, ex.replies, [], [])
+            # every stage's payloads per client, next to payload_bytes_* (the algorithm's own)
+            for key, counts in (("secagg_bytes_down", ex.bytes_down), ("secagg_bytes_up", ex.bytes_up)):
+                row[key] = float(np.mean(list(counts.values()))) if counts else float("nan")
+            row.update({f"secagg_{k}_s": v for k, v in ex.stage_s.items()})
+        else:
+            payloads = self.setup.server.configure(server_round, clients)
+            self.recorder.note(f"round {server_round}: training on clients {sorted(payloads)}")
+            request = RoundRequest(server_round, payloads, self.run_key, self.cfg.federation.round_timeout_s)
+            exchange = self.transport.exchange(request, on_reply)
+            outcome = self.setup.server.aggregate(
+                server_round, exchange.replies, min_replies=self.setup.min_replies
+            )
+            row = self._row(
+                outcome, payloads, exchange.replies, exchange.message_bytes_down, exchange.message_bytes_up
+            )
         row["round_s"] = round(time.perf_counter() - t0, 3)
         if outcome.applied:
             self.failed_streak = 0

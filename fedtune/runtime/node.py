@@ -132,7 +132,12 @@ def client_round(
                 cfg, node_config, token_dir=state_root(node_config) / "node-data" / f"client-{cid}"
             )
         node = NodeContext(node_id=node_id, partition_id=cid, data=data, state_dir=folder, timer=timer)
-        return create_algorithm(cfg).client().train(payload, node)
+        client = create_algorithm(cfg).client()
+        if cfg.secagg.enabled:
+            from fedtune.runtime.secure_node import secure_client_round
+
+            return secure_client_round(cfg, client, payload, node)
+        return client.train(payload, node)
     except ClientError as exc:
         outcome = exc.code.name
         log.warning("round %d: %s", server_round, exc)

@@ -18,11 +18,17 @@ CONFIGS = ("dp_fedkseed.toml", "secagg.toml", "dp_fedkseed_secagg.toml")
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.usefixtures("fresh_models")
-def test_privacy_config_checks_and_runs_at_tiny_size(name: str, tiny_run_flat: dict[str, Any], tmp_path: Path) -> None:
+def test_privacy_config_checks_and_runs_at_tiny_size(
+    name: str, tiny_run_flat: dict[str, Any], tmp_path: Path
+) -> None:
     cfg = RunConfig.load(ROOT / "simulations" / name)
     check_config(cfg)
     # the file's privacy, secagg, algorithm and aggregator settings on the tiny run
-    keep = {k: v for k, v in cfg.to_flat().items() if k.split(".")[0] in ("privacy", "secagg", "aggregator", "run")}
+    keep = {
+        k: v
+        for k, v in cfg.to_flat().items()
+        if k.split(".")[0] in ("privacy", "secagg", "aggregator", "run")
+    }
     keep.pop("run.output-dir")
     tiny = RunConfig.from_flat({**tiny_run_flat, **keep, "federation.num-rounds": 1})
     assert (tiny.privacy, tiny.secagg) == (cfg.privacy, cfg.secagg)

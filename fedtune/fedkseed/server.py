@@ -240,7 +240,9 @@ class FedKSeedServer(ServerAlgorithm):
                 book.reject(r.node_id, "coefficients overflow float32")
                 continue
             # A summed reply's vector is in the secure sum; the book only counts it (and its loss).
-            arrays = {"summed": np.zeros(1, np.float32)} if summed else {COEFFICIENTS: coef.astype(np.float32)}
+            arrays = (
+                {"summed": np.zeros(1, np.float32)} if summed else {COEFFICIENTS: coef.astype(np.float32)}
+            )
             update = ClientUpdate(r.node_id, result.num_examples, arrays)
             book.accept(update, train_loss=result.train_loss, peak_memory_mb=result.peak_memory_mb)
             steps[r.node_id] = result

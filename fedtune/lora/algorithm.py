@@ -38,7 +38,7 @@ from fedtune.lora.fedit import (
     train_local,
     train_local_private,
 )
-from fedtune.lora.server import SUMMED, AdapterArrays, LoRAFedAvgServer
+from fedtune.lora.server import SUMMED, LoRAFedAvgServer
 from fedtune.privacy import SecureGaussian
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedtune.secagg import Stage, decode_envelope
 from flwr.app import Message
 
 from fedtune.config import RunConfig
@@ -21,6 +20,7 @@ from fedtune.flower.testing import run_local
 from fedtune.runtime.checkpoint import load_checkpoint
 from fedtune.runtime.loop import check_config
 from fedtune.runtime.secure import threshold_for, weighted_vector
+from fedtune.secagg import Stage, decode_envelope
 
 SECURE = {"secagg.enabled": True}
 # A dropped node never answers: each stage waits this long for it.
@@ -100,7 +100,9 @@ def test_one_dropout_at_any_stage_still_aggregates(run_cfg: Any, tmp_path: Path,
 
 @pytest.mark.usefixtures("fresh_models")
 def test_below_threshold_the_round_aborts_and_the_state_is_untouched(run_cfg: Any, tmp_path: Path) -> None:
-    cfg: RunConfig = run_cfg(**SECURE, **DROP, **{"federation.num-rounds": 1, "federation.max-failed-rounds": 1})
+    cfg: RunConfig = run_cfg(
+        **SECURE, **DROP, **{"federation.num-rounds": 1, "federation.max-failed-rounds": 1}
+    )
     summary, _ = run_local(cfg, run_dir=tmp_path / "run", tamper=drop({1000, 1001}, Stage.MASK))
     row = _rows(tmp_path / "run")[1]
     assert row["applied"] is False and "secure aggregation aborted" in row["note"]

@@ -503,6 +503,14 @@ class RunConfig:
             self.federation.min_replies <= self.federation.clients_per_round,
             "federation.min_replies must be <= federation.clients_per_round",
         )
+        if self.privacy.mechanism == "client":
+            weighting = dict(self.aggregator.options).get("weighting", "examples")
+            _require(
+                self.aggregator.name == "weighted-mean" and weighting == "equal",
+                "privacy.mechanism = 'client' bounds each client's share of the round's sum, which holds "
+                "only for a plain mean: set aggregator.name = 'weighted-mean' and [aggregator.options] "
+                "weighting = 'equal'",
+            )
         if self.secagg.enabled:
             n = self.federation.clients_per_round
             _require(

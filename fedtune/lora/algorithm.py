@@ -192,17 +192,6 @@ class LoRAFedAvg(Algorithm):
     privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample", "client")
     supports_secure_aggregation: ClassVar[bool] = True
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        if cfg.privacy.mechanism == "client":
-            weighting = dict(cfg.aggregator.options).get("weighting", "examples")
-            if cfg.aggregator.name != "weighted-mean" or weighting != "equal":
-                raise ValueError(
-                    "privacy.mechanism = 'client' bounds each client's share of the round's sum, which "
-                    "holds only for a plain mean: set aggregator.name = 'weighted-mean' and "
-                    "[aggregator.options] weighting = 'equal'"
-                )
-
     def server(self, aggregator: Aggregator) -> LoRAFedAvgServer:
         return _LoRAServer(self.cfg, aggregator)
 

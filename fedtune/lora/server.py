@@ -95,7 +95,10 @@ class LoRAFedAvgServer(ServerAlgorithm):
                 return problem
         return reply
 
-    def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
+    def _admit(
+        self, server_round: int, replies: Sequence[NodeReply], *, summed: bool
+    ) -> tuple[RoundBook, dict[str, float]]:
+        """Validate every reply, book the valid ones (as deltas unless ``summed``), account for DP."""
         sent_round, sent = self._sent
         book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
         released: dict[int, DPFigures] = {}
@@ -103,13 +106,19 @@ class LoRAFedAvgServer(ServerAlgorithm):
             payload = book.admit(r)
             if payload is None:
                 continue
-            res = self.validate(payload, server_round)
+            res = self.validate(payload, server_round, summed=summed)
             if isinstance(res, str):
                 book.reject(r.node_id, res)
                 continue
-            deltas = {k: (res.arrays[k] - ref).astype(np.float32) for k, ref in self.global_arrays.items()}
-            if self.privacy is not None and res.dp is not None:
-                deltas = self.privacy.server_clip(deltas)
+            if summed:  # the update is inside the secure sum; the book counts the reply
+                deltas = dict(res.arrays)
+            else:
+                deltas = {
+                    k: (res.arrays[k] - ref).astype(np.float32) for k, ref in self.global_arrays.items()
+                }
+                if self.privacy is not None and res.dp is not None:
+                    deltas = self.privacy.server_clip(deltas)
+            if res.dp is not None:
                 released[r.node_id] = res.dp
             update = ClientUpdate(r.node_id, res.num_examples, deltas)
             book.accept(update, train_loss=res.train_loss, peak_memory_mb=res.peak_memory_mb)
@@ -117,6 +126,10 @@ class LoRAFedAvgServer(ServerAlgorithm):
         if self.privacy is not None:  # released is released, whether or not the round applies
             self.privacy.record(released)
             metrics.update(self.privacy.metrics())
+        return book, metrics
+
+    def aggregate(self, server_round: int, replies: Sequence[NodeReply], *, min_replies: int) -> RoundOutcome:
+        book, metrics = self._admit(server_round, replies, summed=False)
         glob = book.aggregate(
             self.aggregator,
             min_replies=min_replies,
@@ -141,28 +154,7 @@ class LoRAFedAvgServer(ServerAlgorithm):
         min_replies: int,
     ) -> RoundOutcome:
         """Apply a secure round: the sum holds each survivor's flattened adapter update times its weight."""
-        sent_round, sent = self._sent
-        book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
-        released: dict[int, DPFigures] = {}
-        for r in replies:
-            payload = book.admit(r)
-            if payload is None:
-                continue
-            res = self.validate(payload, server_round, summed=True)
-            if isinstance(res, str):
-                book.reject(r.node_id, res)
-                continue
-            if res.dp is not None:
-                released[r.node_id] = res.dp
-            book.accept(
-                ClientUpdate(r.node_id, res.num_examples, dict(res.arrays)),
-                train_loss=res.train_loss,
-                peak_memory_mb=res.peak_memory_mb,
-            )
-        metrics: dict[str, float] = dict(book.metrics())
-        if self.privacy is not None:
-            self.privacy.record(released)
-            metrics.update(self.privacy.metrics())
+        book, metrics = self._admit(server_round, replies, summed=True)
         mean = secure_mean(
             book,
             weighted_sum,

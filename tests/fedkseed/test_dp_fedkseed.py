@@ -117,10 +117,17 @@ def test_figures_that_disagree_with_the_config_are_named() -> None:
 
 
 def test_client_level_refuses_a_weighted_or_robust_aggregator(run_cfg: Any) -> None:
-    from fedtune.algorithms.registry import create_algorithm
-
     with pytest.raises(ValueError, match="weighting = 'equal'"):
-        create_algorithm(run_cfg(**{"privacy.mechanism": "client", "privacy.noise-multiplier": 1.0}))
+        run_cfg(**{"privacy.mechanism": "client", "privacy.noise-multiplier": 1.0})
+    with pytest.raises(ValueError, match="plain mean"):
+        run_cfg(
+            **{
+                "privacy.mechanism": "client",
+                "privacy.noise-multiplier": 1.0,
+                "aggregator.name": "median",
+                "aggregator.options.weighting": "equal",
+            }
+        )
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:

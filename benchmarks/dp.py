@@ -6,7 +6,7 @@
    PRV, delta = privacy.delta) and its final held-out loss, with the non-private run as
    epsilon = inf. Same seeds, data, rounds and clip for every point: only sigma changes.
 2. **Secure aggregation.** The same non-private run with and without ``secagg.enabled``: mean
-   round seconds and payload bytes per client per round (all five stages for secagg, the train
+   round seconds and payload bytes per client per round (all four stages for secagg, the train
    message and its reply for plain).
 
 Runs the real ServerApp/ClientApp code on the in-process grid. Writes ``dp.png`` next to the JSON
@@ -38,6 +38,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--output-dir", default="runs/dp", help="where the run folders go")
     p.add_argument("--out", default="", help="write the JSON and dp.png here too (e.g. benchmarks/results)")
+    p.add_argument(
+        "--reuse-curve",
+        default="",
+        help="take the privacy-utility points from an earlier dp.json written with the same settings",
+    )
     return p.parse_args(argv)
 
 
@@ -96,25 +101,19 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    setup_environment(threads=args.threads)
-    flat = base_config(args)
-    # Above the largest |per-example scalar| seen on the 2-layer slice at eps 1e-3 (median 62, max 141):
-    # clipping then rarely binds and the curve shows what the noise costs.
-    clip = args.clip or 150.0
-    sigmas = list(args.sigmas if args.sigmas else (QUICK_SIGMAS if args.quick else FULL_SIGMAS))
-    clock = Stopwatch()
-    points: list[dict[str, Any]] = []
+def sweep(
+    flat: dict[str, Any], clip: float, sigmas: list[float], clock: Stopwatch
+) -> tuple[list[dict[str, Any]], float]:
+    """The non-private run (epsilon = inf) and one sample-level DP run per noise multiplier."""
     plain = run_federated(make_config(flat))
     initial = number(plain.get("initial_heldout_loss"))
-    points.append(
+    points: list[dict[str, Any]] = [
         {
             "epsilon": math.inf,
             "noise_multiplier": 0.0,
             "heldout_loss": number(plain.get("final_heldout_loss")),
         }
-    )
+    ]
     print(f"[{clock():7.1f} s] non-private: held-out loss {initial:.4f} -> {points[0]['heldout_loss']:.4f}")
     for sigma in sigmas:
         private = {
@@ -133,30 +132,87 @@ def main(argv: Sequence[str] | None = None) -> None:
         points.append(point)
         print(
             f"[{clock():7.1f} s] sigma {sigma:<5g} epsilon {point['epsilon']:.3g} "
-            f"(PRV {point['epsilon_prv']:.3g})"
-            f": held-out loss {point['heldout_loss']:.4f}",
+            f"(PRV {point['epsilon_prv']:.3g}): held-out loss {point['heldout_loss']:.4f}",
             flush=True,
         )
-    secure = run_federated(make_config({**flat, "secagg.enabled": True}))
+    return points, initial
+
+
+def reuse_curve(
+    path: str, key: dict[str, Any], sigmas: list[float]
+) -> tuple[list[dict[str, Any]], float] | None:
+    """The points of an earlier dp.json written with exactly these settings (a long sweep, resumed)."""
+    earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    same = all(earlier.get(k) == v for k, v in key.items())
+    have = [p["noise_multiplier"] for p in earlier.get("points", [])[1:]]
+    if not same or have != sigmas:
+        print(f"{path} was written with other settings; running the sweep", flush=True)
+        return None
+    points = [{**p, "epsilon": float(p["epsilon"])} for p in earlier["points"]]
+    return points, float(earlier["initial_heldout_loss"])
+
+
+def secagg_timing(flat: dict[str, Any], *, repeats: int, clock: Stopwatch) -> dict[str, float]:
+    """Plain and secure runs of 3 rounds, alternated ``repeats`` times so load drifts hit both alike.
+
+    ``secagg_protocol_s`` is the setup, keys and unmask stages (the masking stage holds the
+    clients' training too): what secure aggregation adds to a round besides masking.
+    """
+    short = {**flat, "federation.num-rounds": min(3, int(flat["federation.num-rounds"]))}
+    plain_s: list[float] = []
+    secure_s: list[float] = []
+    protocol_s: list[float] = []
+    plain_bytes = secure_bytes = float("nan")
+    for _ in range(repeats):
+        plain = run_federated(make_config(short))
+        secure = run_federated(make_config({**short, "secagg.enabled": True}))
+        plain_s.append(mean_of(plain, "round_s"))
+        secure_s.append(mean_of(secure, "round_s"))
+        protocol_s.append(sum(mean_of(secure, f"secagg_{k}_s") for k in ("setup", "keys", "unmask")))
+        plain_bytes = mean_of(plain, "payload_bytes_up") + mean_of(plain, "payload_bytes_down")
+        secure_bytes = mean_of(secure, "secagg_bytes_up") + mean_of(secure, "secagg_bytes_down")
+        print(f"[{clock():7.1f} s] round: plain {plain_s[-1]:.2f} s, secure {secure_s[-1]:.2f} s", flush=True)
+    return {
+        "plain_round_s": float(np.median(plain_s)),
+        "secagg_round_s": float(np.median(secure_s)),
+        "secagg_protocol_s": float(np.median(protocol_s)),
+        "plain_bytes": plain_bytes,
+        "secagg_bytes": secure_bytes,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_environment(threads=args.threads)
+    flat = base_config(args)
+    # Above the largest |per-example scalar| seen on the 2-layer slice at eps 1e-3 (median 62, max 141):
+    # clipping then rarely binds and the curve shows what the noise costs.
+    clip = args.clip or 150.0
+    sigmas = list(args.sigmas if args.sigmas else (QUICK_SIGMAS if args.quick else FULL_SIGMAS))
+    clock = Stopwatch()
+    curve_key = {"config": {k: v for k, v in flat.items() if not k.startswith("run.")}, "clip": clip}
+    reused = reuse_curve(args.reuse_curve, curve_key, sigmas) if args.reuse_curve else None
+    if reused is not None:
+        points, initial = reused
+        print(f"reusing the privacy-utility points of {args.reuse_curve} (same settings)", flush=True)
+    else:
+        points, initial = sweep(flat, clip, sigmas, clock)
+    timing = secagg_timing(flat, repeats=1 if args.quick else 2, clock=clock)
     out: dict[str, Any] = {
         "points": points,
         "initial_heldout_loss": initial,
         "clip": clip,
         "delta": make_config(flat).privacy.delta,
-        "plain_round_s": mean_of(plain, "round_s"),
-        "secagg_round_s": mean_of(secure, "round_s"),
-        "plain_bytes": mean_of(plain, "payload_bytes_up") + mean_of(plain, "payload_bytes_down"),
-        "secagg_bytes": mean_of(secure, "secagg_bytes_up") + mean_of(secure, "secagg_bytes_down"),
-        "secagg_heldout_loss": number(secure.get("final_heldout_loss")),
+        **timing,
         "plain_heldout_loss": points[0]["heldout_loss"],
-        "config": {k: v for k, v in flat.items() if not k.startswith("run.")},
+        **curve_key,
         "quick": bool(args.quick),
         "wall_s": clock(),
     }
     print(
         f"[{clock():7.1f} s] secure aggregation: {out['secagg_round_s']:.2f} s and "
-        f"{out['secagg_bytes']:.0f} B "
-        f"per client-round, plain {out['plain_round_s']:.2f} s and {out['plain_bytes']:.0f} B"
+        f"{out['secagg_bytes']:.0f} B per client-round (protocol stages {out['secagg_protocol_s']:.3f} s), "
+        f"plain {out['plain_round_s']:.2f} s and {out['plain_bytes']:.0f} B"
     )
     if args.out:
         folder = Path(args.out)

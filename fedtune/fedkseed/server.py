@@ -305,6 +305,10 @@ class FedKSeedServer(ServerAlgorithm):
         )
         if isinstance(mean, str):
             return book.outcome(metrics, note=mean)
+        # float32, as every aggregator returns: the accumulator then stays what the float32 sync
+        # sends, and a node whose model holds A replays nothing (float64 residues would make it
+        # replay every non-zero seed each round).
+        mean = mean.astype(np.float32).astype(np.float64)
         return self._apply(server_round, book, steps, mean, sorted(steps), metrics, settings.lr)
 
     def _apply(

@@ -1,10 +1,10 @@
 """Secure aggregation rounds over any transport: Bonawitz et al.'s stages as payload exchanges.
 
 "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (CCS 2017), with the
-protocol in :mod:`fedtune.secagg`. One round is five exchanges through the same
-:class:`~fedtune.runtime.transport.Transport` every algorithm uses (so it runs on the in-process
-grid, in Ray simulation and in deployment alike): keys, encrypted shares, masked inputs (the
-algorithm's own training happens here), unmasking. The server half never sees a client's vector:
+protocol in :mod:`fedtune.secagg`. One round is four exchanges through the same
+:class:`~fedtune.runtime.transport.Transport` every algorithm uses (tested on the in-process
+grid; Ray simulation and deployment deliver the same messages): keys, encrypted shares, masked
+inputs (the algorithm's own training happens here), unmasking. The server half never sees a client's vector:
 it gets the survivors' weighted sum (:meth:`ServerAlgorithm.aggregate_sum`) and their public
 remainders. A stage with fewer than the threshold of live clients aborts the round cleanly with
 the state untouched, as any failed round does.

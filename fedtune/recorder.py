@@ -157,6 +157,11 @@ class RunRecorder:
             for key in keys:
                 summary[f"initial_{key}"] = first.get(key)
                 summary[f"final_{key}"] = last.get(key)
+        # The privacy spent by the whole run: the ledger's figures after its last round.
+        private = [r for r in self.records if "epsilon" in r]
+        if private:
+            for key in ("epsilon", "epsilon_rdp", "epsilon_prv"):
+                summary[f"final_{key}"] = private[-1].get(key)
         # Averages are over rounds that trained; a skipped round moved no model.
         trained = [r for r in self.records if r.get("applied") is True]
         if trained:

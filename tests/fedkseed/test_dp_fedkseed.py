@@ -143,6 +143,7 @@ def test_a_private_run_reports_a_growing_epsilon_that_survives_resume(run_cfg: A
     assert summary["completed_rounds"] == 3
     assert all(r["accepted"] == 3 for r in rows if r["round"] >= 1)
     assert 0 < eps[0] < eps[1] < eps[2]
+    assert summary["final_epsilon"] == eps[-1] and summary["final_epsilon_prv"] > 0
     assert all(r["epsilon_prv"] <= r["epsilon_rdp"] * 1.05 for r in rows if r["round"] >= 1)
     # stopped after round 1 and resumed: the accountant's state came back with the checkpoint
     from fedtune.fedkseed.replica import clear_replicas

@@ -12,7 +12,13 @@ one process: the peak is an upper bound on a deployed client's.
 Writes ``<out>/report.md``, ``<out>/report.json``, ``<out>/loss_vs_rounds.png`` and
 ``<out>/loss_vs_bytes.png``.
 
-Usage: python benchmarks/report.py [--quick] [--out DIR]   (last line: one JSON object)
+``--task qa --heldout-groups G1,G2`` runs the same comparison on the chatterbot Q/A with whole
+categories held out of every client's data: each row then also has the final zero-shot loss and
+Rouge-L on those categories (untuned: the initial ones), and ``<out>/zeroshot_vs_rounds.png``.
+``--methods`` picks a subset (``untuned`` is read off the first federated run).
+
+Usage: python benchmarks/report.py [--quick] [--out DIR] [--task T --heldout-groups G1,G2]
+       [--methods untuned,fedkseed,...]   (last line: one JSON object)
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from fedtune.config import RunConfig
 Curve = list[tuple[float, float]]
 FEDERATED = ("fedkseed", "fedkseed-compact", "fedkseed-pro", "lora-fedavg")
 METHODS = (*FEDERATED, "mezo")
+CHOICES = ("untuned", *METHODS)  # what --methods may name
+ZEROSHOT = ("zeroshot_loss", "zeroshot_rouge_l")  # extra row keys when data.heldout-groups is set
 ROW_NAMES = {"mezo": "mezo (centralized)", "fedkseed-compact": "fedkseed (compact wire)"}
 # FedKSeed with the compact wire: fp16 scalars up, sparse accumulator deltas down.
 COMPACT: dict[str, Any] = {
@@ -44,6 +52,13 @@ COMPACT: dict[str, Any] = {
 _MEZO_TAG = 0x4D455A4F  # "MEZO": the centralized baseline's batch order, apart from every client's
 
 
+def zeroshot_values(summary: dict[str, Any], which: str) -> dict[str, float]:
+    """``which`` = final or initial zero-shot metrics; {} for a run without held-out groups."""
+    if "final_zeroshot_loss" not in summary:
+        return {}
+    return {key: number(summary.get(f"{which}_{key}")) for key in ZEROSHOT}
+
+
 def federated_row(summary: dict[str, Any]) -> dict[str, float]:
     return {
         "heldout_loss": number(summary.get("final_heldout_loss")),
@@ -52,7 +67,14 @@ def federated_row(summary: dict[str, Any]) -> dict[str, float]:
         + number(summary.get("mean_payload_bytes_down")),
         "client_peak_mb": number(summary.get("client_peak_mb")),
         "seconds_per_round": number(summary.get("mean_round_s")),
+        **zeroshot_values(summary, "final"),
     }
+
+
+def zeroshot_curve(summary: dict[str, Any]) -> Curve:
+    """(round, zero-shot loss) from ``metrics.jsonl``; empty without held-out groups."""
+    pts = [(number(r.get("round")), number(r.get("zeroshot_loss"))) for r in run_metrics(summary)]
+    return [(x, y) for x, y in pts if not math.isnan(y)]
 
 
 def federated_curves(summary: dict[str, Any]) -> tuple[Curve, Curve]:
@@ -124,6 +146,9 @@ def run_mezo(cfg: RunConfig) -> tuple[dict[str, float], Curve]:
         "client_peak_mb": peak_rss_mb(),
         "seconds_per_round": sum(seconds) / len(seconds),
     }
+    if data.zeroshot is not None:  # final values only, as for the federated rows
+        zs = HeldoutEvaluator.for_run(tokenizer, data.zeroshot, cfg, zeroshot=True)(model)
+        row.update({"zeroshot_loss": zs.heldout_loss, "zeroshot_rouge_l": zs.rouge_l})
     return row, curve
 
 
@@ -141,14 +166,23 @@ def fmt(value: float, spec: str) -> str:
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """The report's table; zero-shot columns only when the rows carry them (held-out groups)."""
+    zs = any("zeroshot_loss" in r for r in rows.values())
+    zs_head = " zero-shot answer loss | zero-shot Rouge-L |" if zs else ""
     lines = [
-        "| method | held-out answer loss | Rouge-L | payload bytes / client-round "
+        f"| method | held-out answer loss | Rouge-L |{zs_head} payload bytes / client-round "
         "| client peak MB | s / round |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|" + ("---:|---:|" if zs else "") + "---:|---:|---:|",
     ]
     for name, r in rows.items():
+        zs_cells = (
+            f" {fmt(r.get('zeroshot_loss', math.nan), '.4f')} | "
+            f"{fmt(r.get('zeroshot_rouge_l', math.nan), '.2f')} |"
+            if zs
+            else ""
+        )
         lines.append(
-            f"| {name} | {fmt(r['heldout_loss'], '.4f')} | {fmt(r['rouge_l'], '.2f')} | "
+            f"| {name} | {fmt(r['heldout_loss'], '.4f')} | {fmt(r['rouge_l'], '.2f')} |{zs_cells} "
             f"{fmt(r['payload_bytes_per_client_round'], ',.0f')} | {fmt(r['client_peak_mb'], '.0f')} | "
             f"{fmt(r['seconds_per_round'], '.2f')} |"
         )
@@ -156,7 +190,13 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def plot(
-    curves: dict[str, Curve], path: Path, *, xlabel: str, log_x: bool = False, baseline: float | None = None
+    curves: dict[str, Curve],
+    path: Path,
+    *,
+    xlabel: str,
+    log_x: bool = False,
+    baseline: float | None = None,
+    ylabel: str = "held-out answer loss",
 ) -> None:
     """Loss curves; with ``log_x`` the x = 0 start point is dropped and shown as the ``baseline`` line."""
     import matplotlib
@@ -174,7 +214,7 @@ def plot(
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("held-out answer loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both" if log_x else "major")
     ax.legend()
     fig.tight_layout()
@@ -194,6 +234,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="zo.lr (LoRA keeps lora.lr)")
     p.add_argument("--num-seeds", type=int, default=None, help="K")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--task", default="reviews", help="data.task (reviews, qa, ...)")
+    p.add_argument(
+        "--heldout-groups",
+        default="",
+        help="data.heldout-groups: comma-separated groups (qa: categories) held out for zero-shot eval",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="data.max-new-tokens for the in-distribution Rouge-L (default 6 for reviews, 32 otherwise)",
+    )
+    p.add_argument(
+        "--zeroshot-max-new-tokens",
+        type=int,
+        default=None,
+        help="data.zeroshot-max-new-tokens (default 32, as data.max-new-tokens; the paper uses 128)",
+    )
+    p.add_argument("--heldout-size", type=int, default=None, help="data.heldout-size (also caps zero-shot)")
+    p.add_argument("--eval-generations", type=int, default=None, help="data.eval-generations")
+    p.add_argument(
+        "--methods",
+        type=method_list,
+        default=CHOICES,
+        help=f"comma-separated subset of {','.join(CHOICES)} (default: all)",
+    )
     p.add_argument(
         "--sampling",
         choices=("shuffle", "class-balanced"),
@@ -209,20 +275,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def method_list(text: str) -> tuple[str, ...]:
+    """``--methods``: known names, run in the report's own order whatever order they are given in."""
+    names = {m.strip() for m in text.split(",") if m.strip()}
+    unknown = sorted(names - set(CHOICES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown or no methods {unknown}; choose from {', '.join(CHOICES)}")
+    if not names & set(FEDERATED) and "untuned" in names:
+        raise argparse.ArgumentTypeError("untuned is read off a federated run; name one of them too")
+    return tuple(m for m in CHOICES if m in names)
+
+
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The flat run config every method shares (``run.algorithm`` is set per method)."""
+    """The flat run config every method shares (``run.algorithm`` is set per method).
+
+    The reviews defaults add no keys, so their settings (and ``--reuse`` of their rows) are as before.
+    """
     q = args.quick
     out = Path(args.out)
     steps = args.local_steps or (2 if q else 6)
+    # Reviews answers are one word; Q/A answers are sentences (99% within 28 SmolLM2 tokens).
+    new_tokens = 6 if args.task == "reviews" else 32
+    task: dict[str, Any] = {} if args.task == "reviews" else {"data.task": args.task}
+    if args.heldout_groups:
+        task["data.heldout-groups"] = args.heldout_groups
+        task["data.zeroshot-max-new-tokens"] = args.zeroshot_max_new_tokens or (4 if q else 32)
     return {
         "run.name": "report",
         "run.output-dir": str(out / "runs"),
+        **task,
         "model.num-layers": args.num_layers if args.num_layers is not None else (2 if q else 0),
         "model.max-length": 48 if q else 96,
         "data.max-train-examples": 60 if q else 2000,
-        "data.heldout-size": 8 if q else 64,
-        "data.eval-generations": 2 if q else 32,
-        "data.max-new-tokens": 2 if q else 6,
+        "data.heldout-size": args.heldout_size or (8 if q else 64),
+        "data.eval-generations": args.eval_generations
+        if args.eval_generations is not None
+        else (2 if q else 32),
+        "data.max-new-tokens": args.max_new_tokens or (2 if q else new_tokens),
         "federation.num-clients": args.clients or (3 if q else 10),
         "federation.clients-per-round": args.clients_per_round or 3,
         "federation.num-rounds": args.rounds or (2 if q else 10),
@@ -250,9 +339,12 @@ def run_method(method: str, flat: dict[str, Any]) -> dict[str, Any]:
         "payload_bytes_per_client_round": 0.0,
         "client_peak_mb": float("nan"),
         "seconds_per_round": float("nan"),
+        **zeroshot_values(summary, "initial"),
     }
     row = federated_row(summary)
-    return {"row": row, "by_round": by_round, "by_bytes": by_bytes, "untuned": untuned}
+    result = {"row": row, "by_round": by_round, "by_bytes": by_bytes, "untuned": untuned}
+    zs = zeroshot_curve(summary)
+    return {**result, "zeroshot_by_round": zs} if zs else result
 
 
 def run_worker(method: str, flat: dict[str, Any], out: Path) -> None:
@@ -327,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: dict[str, dict[str, float]] = {}
     by_round: dict[str, Curve] = {}
     by_bytes: dict[str, Curve] = {}
+    zs_by_round: dict[str, Curve] = {}
     untuned: dict[str, float] | None = None
     reused: list[str] = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m in args.methods):
         # --quick stays in one interpreter to keep under a minute (a worker costs ~10 s of imports);
         # its peak-memory column is then the running maximum over the methods.
         if args.quick:
@@ -344,19 +437,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         by_round[name] = [(float(x), float(y)) for x, y in result["by_round"]]
         if result["by_bytes"]:
             by_bytes[name] = [(float(x), float(y)) for x, y in result["by_bytes"]]
+        if result.get("zeroshot_by_round"):
+            zs_by_round[name] = [(float(x), float(y)) for x, y in result["zeroshot_by_round"]]
         untuned = untuned or result["untuned"]
         print(f"[{clock():7.1f} s] {method}: {json.dumps(finite_or_none(rows[name]))}", flush=True)
-    if untuned is None:
-        raise RuntimeError("no federated worker reported the untuned model's metrics")
-    rows = {"untuned": untuned, **rows}
+    if "untuned" in args.methods:
+        if untuned is None:
+            raise RuntimeError("no federated worker reported the untuned model's metrics")
+        rows = {"untuned": untuned, **rows}
 
-    fk, lora = rows["fedkseed"], rows["lora-fedavg"]
-    bytes_ratio = lora["payload_bytes_per_client_round"] / fk["payload_bytes_per_client_round"]
-    compact_ratio = (
-        lora["payload_bytes_per_client_round"]
-        / rows["fedkseed (compact wire)"]["payload_bytes_per_client_round"]
-    )
-    rouge_gap = fk["rouge_l"] - lora["rouge_l"]
+    # The targets compare FedKSeed with LoRA-FedAvg; a --methods subset without both states none.
+    bytes_ratio = compact_ratio = rouge_gap = math.nan
+    if "fedkseed" in rows and "lora-fedavg" in rows:
+        fk, lora = rows["fedkseed"], rows["lora-fedavg"]
+        bytes_ratio = lora["payload_bytes_per_client_round"] / fk["payload_bytes_per_client_round"]
+        rouge_gap = fk["rouge_l"] - lora["rouge_l"]
+        if "fedkseed (compact wire)" in rows:
+            compact_ratio = (
+                lora["payload_bytes_per_client_round"]
+                / rows["fedkseed (compact wire)"]["payload_bytes_per_client_round"]
+            )
+    targets = "" if math.isnan(bytes_ratio) else targets_text(bytes_ratio, rouge_gap, compact_ratio) + "\n"
     table = markdown_table(rows)
     cfg_lines = "\n".join(f"- `{k} = {v}`" for k, v in flat.items() if not k.startswith("run."))
     command = " ".join(["python benchmarks/report.py", *argv])
@@ -368,11 +469,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         else "peak RSS of the method's worker process, which holds the server, its evaluator and the "
         "simulated clients (an upper bound on one deployed client's)."
     )
+    zs_text = (
+        f"Zero-shot: the groups `{args.heldout_groups}` of task `{args.task}` never reach a client; "
+        "up to `data.heldout-size` of their rows are scored like the held-out split, with up to "
+        "`data.zeroshot-max-new-tokens` new tokens (final round; untuned: round 0).\n\n"
+        if args.heldout_groups
+        else ""
+    )
     (out / "report.md").write_text(
         f"# fedtune matched-budget report\n\n"
         f"`{command}`, started {started:%Y-%m-%d %H:%M} UTC, {wall_min:.0f} minutes.\n\n"
         f"{reused_text if reused else ''}{table}\n\n"
-        f"{targets_text(bytes_ratio, rouge_gap, compact_ratio)}\n"
+        f"{targets}{zs_text}"
         "Payload bytes: mean (up + down) per client per round, measured from the messages. "
         f"Client peak MB: {peak_text} Compact wire: `fedkseed.reply-scalars = float16`, "
         "`fedkseed.sparse-sync = true`. MeZO is centralized, so it moves no bytes.\n\n"
@@ -380,19 +488,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         encoding="utf-8",
     )
     plot(by_round, out / "loss_vs_rounds.png", xlabel="round (MeZO: round-equivalents of steps)")
-    plot(
-        by_bytes,
-        out / "loss_vs_bytes.png",
-        xlabel="cumulative payload bytes per client (up + down)",
-        log_x=True,
-        baseline=untuned["heldout_loss"],
-    )
+    untuned_loss = untuned["heldout_loss"] if untuned else None
+    if by_bytes:
+        plot(
+            by_bytes,
+            out / "loss_vs_bytes.png",
+            xlabel="cumulative payload bytes per client (up + down)",
+            log_x=True,
+            baseline=untuned_loss,
+        )
+    if zs_by_round:
+        plot(zs_by_round, out / "zeroshot_vs_rounds.png", xlabel="round", ylabel="zero-shot answer loss")
     print(table)
     result_json = {
         "rows": rows,
         "bytes_ratio_lora_over_fedkseed": bytes_ratio,
         "bytes_ratio_lora_over_fedkseed_compact": compact_ratio,
         "rouge_l_gap_fedkseed_minus_lora": rouge_gap,
+        **({"task": args.task, "heldout_groups": args.heldout_groups} if args.heldout_groups else {}),
         "config": {k: v for k, v in flat.items() if not k.startswith("run.")},
         "command": command,
         "reused_rows": reused,

@@ -83,3 +83,64 @@ def test_reuse_reads_a_row_only_when_its_settings_match(bench: object, tmp_path:
     with pytest.raises(RuntimeError, match="the mezo worker failed"):
         bench.run_in_worker("mezo", ["--bogus-flag"], tmp_path, reuse_if=other)  # type: ignore[attr-defined]
     assert not (rows / "mezo.json").exists()
+
+
+def test_default_settings_add_no_task_keys(bench: object) -> None:
+    # the reviews report's settings (and --reuse of its rows) stay as they were
+    flat = bench.shared_settings(bench.parse_args([]))  # type: ignore[attr-defined]
+    assert not any(k in flat for k in ("data.task", "data.heldout-groups", "data.zeroshot-max-new-tokens"))
+    assert flat["data.max-new-tokens"] == 6
+    qa = bench.shared_settings(  # type: ignore[attr-defined]
+        bench.parse_args(["--task", "qa", "--heldout-groups", "history"])  # type: ignore[attr-defined]
+    )
+    assert qa["data.task"] == "qa" and qa["data.heldout-groups"] == "history"
+    assert qa["data.max-new-tokens"] == 32 and qa["data.zeroshot-max-new-tokens"] == 32
+
+
+def test_methods_run_in_report_order_and_need_a_federated_run_for_untuned(bench: object) -> None:
+    args = bench.parse_args(["--methods", "lora-fedavg,untuned,fedkseed"])  # type: ignore[attr-defined]
+    assert args.methods == ("untuned", "fedkseed", "lora-fedavg")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "untuned,mezo"])  # type: ignore[attr-defined]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "fedkseed,bogus"])  # type: ignore[attr-defined]
+
+
+def test_table_has_zero_shot_columns_only_with_held_out_groups(bench: object) -> None:
+    row = {
+        "heldout_loss": 1.0,
+        "rouge_l": 20.0,
+        "payload_bytes_per_client_round": 10.0,
+        "client_peak_mb": 100.0,
+        "seconds_per_round": 1.0,
+    }
+    assert "zero-shot" not in bench.markdown_table({"a": row})  # type: ignore[attr-defined]
+    zs = {**row, "zeroshot_loss": 2.5, "zeroshot_rouge_l": 7.25}
+    table = bench.markdown_table({"a": zs})  # type: ignore[attr-defined]
+    assert "zero-shot Rouge-L" in table and "| a | 1.0000 | 20.00 | 2.5000 | 7.25 | 10 |" in table
+
+
+@pytest.mark.slow
+def test_quick_qa_report_carries_zero_shot_metrics(tmp_path: Path) -> None:
+    groups = "psychology,science,movies,history"
+    argv = ["--quick", "--task", "qa", "--heldout-groups", groups, "--methods", "fedkseed,lora-fedavg"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "report.py"), *argv, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(result["rows"]) == ["fedkseed", "lora-fedavg"]
+    assert result["config"]["data.heldout-groups"] == groups
+    for row in result["rows"].values():
+        assert row["zeroshot_loss"] > 0 and 0 <= row["zeroshot_rouge_l"] <= 100
+    assert "zero-shot Rouge-L" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "zeroshot_vs_rounds.png").stat().st_size > 0
+    # the zero-shot metrics come from the run's own metrics.jsonl
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/*/summary.json")]
+    (fk_run,) = [Path(s["run_dir"]) for s in summaries if s["algorithm"] == "fedkseed"]
+    last = json.loads((fk_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"zeroshot_loss", "zeroshot_rouge_l", "zeroshot_exact_match"} <= set(last)

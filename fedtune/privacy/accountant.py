@@ -26,9 +26,9 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
+
+# opacus (and with it its torch extensions) is imported where an epsilon is computed, so a client
+# process that only noises its scalars never pays for it (tests/runtime/test_node_imports.py).
 
 ACCOUNTANTS = ("rdp", "prv")
 STATE_VERSION = 1
@@ -40,6 +40,9 @@ StateValue = np.ndarray | int | float | str | bool
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     """RDP of one release at every order; linear in steps, so a history costs one call per mechanism
     (opacus computes it afresh, ~40 ms each, which for 200 clients a round is seconds)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     out = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
     out.setflags(write=False)
     return out
@@ -48,6 +51,8 @@ def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
 @functools.lru_cache(maxsize=1024)
 def _prv_epsilon(history: tuple[Entry, ...], delta: float) -> float:
     """opacus' PRV epsilon (its upper bound, eps_error 0.01) of one history; cached by history."""
+    from opacus.accountants import PRVAccountant
+
     acc = PRVAccountant()
     acc.history = list(history)
     try:
@@ -69,6 +74,8 @@ def noise_multiplier_for(
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
     _check_entry(1.0, sample_rate, steps)
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():  # "optimal order is the largest alpha" while searching: harmless
         warnings.simplefilter("ignore", UserWarning)
         return float(
@@ -119,6 +126,9 @@ class PrivacyLedger:
             warnings.catch_warnings()
         ):  # "optimal order is the largest alpha": epsilon is then loose, not wrong
             warnings.simplefilter("ignore", UserWarning)
+            from opacus.accountants import RDPAccountant
+            from opacus.accountants.analysis.rdp import get_privacy_spent
+
             eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
         return float(eps)
 

@@ -11,7 +11,10 @@ from fedtune.algorithms.registry import create_algorithm
 
 @pytest.mark.parametrize("mechanism", ["sample", "client"])
 def test_sap_refuses_dp_and_names_its_privatizer(run_cfg: Any, mechanism: str) -> None:
-    cfg = run_cfg(**{"run.algorithm": "sap", "privacy.mechanism": mechanism, "privacy.noise-multiplier": 1.0})
+    extra = {"aggregator.options.weighting": "equal"} if mechanism == "client" else {}
+    cfg = run_cfg(
+        **{"run.algorithm": "sap", "privacy.mechanism": mechanism, "privacy.noise-multiplier": 1.0, **extra}
+    )
     with pytest.raises(ValueError, match="d_chi privatizer"):
         create_algorithm(cfg)
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fedtune"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fedtune._proto", "fedtune.config", "fedtune.plugins", "fedtune.runlog"),
+    ("fedtune._proto", "fedtune.config", "fedtune.config_toml", "fedtune.plugins", "fedtune.runlog"),
     ("fedtune.wire", "fedtune.assets", "fedtune.secagg"),
     ("fedtune.data",),
     ("fedtune.zo", "fedtune.eval", "fedtune.privacy"),

@@ -24,7 +24,6 @@ from fedtune.fedkseed.replica import build_replica, get_replica
 from fedtune.fedkseed.server import FedKSeedServer, RoundSettings, coefficients_from_steps
 from fedtune.fedkseed.state import WEIGHTS_FILE, load_weights, save_weights
 from fedtune.wire.codec import ReplyPayload, decode_sync, encode_reply
-from fedtune.wire.dp_report import DPFigures
 from fedtune.wire.errors import ErrorCode
 
 VIEW_FILE = "fedkseed-view.npz"
@@ -123,10 +122,7 @@ class FedKSeedNode(ClientAlgorithm):
             new_view.save(path)
         if dp is None:
             return reply
-        figures = DPFigures(
-            noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp.steps, clip=dp.clip
-        )
-        return dataclasses.replace(reply, dp=figures)
+        return dataclasses.replace(reply, dp=dp.figures())
 
 
 class _Server(FedKSeedServer):

@@ -20,7 +20,7 @@ import torch
 from fedtune.algorithms.rounds import peak_rss_mb
 from fedtune.data.batch import TokenBatch
 from fedtune.fedkseed.dp import DPPlan, PerExampleRelease, clip_round
-from fedtune.privacy import SecureGaussian
+from fedtune.privacy.noise import SecureGaussian
 from fedtune.runlog import PhaseTimer
 from fedtune.wire.codec import ReplyPayload, SparseDelta, SyncPayload, probabilities_from_quantized
 from fedtune.zo import MeZOStep, replay

@@ -18,18 +18,24 @@ an unnoised contribution) or added once by a trusted server (``noise-at = "serve
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from fedtune.config import PrivacySection, RunConfig
-from fedtune.privacy import PrivacyLedger, SecureGaussian, noise_multiplier_for
+from fedtune.config import RunConfig
+from fedtune.privacy.noise import SecureGaussian
+from fedtune.privacy.plan import (
+    CLIENT_LEVEL_UNIT,
+    ServerLedger,
+    client_figures,
+    client_noise_std,
+    sample_figures,
+)
+from fedtune.privacy.plan import figures_mismatch as _mismatch
+from fedtune.wire.dp_report import DPFigures
 
-#: The unit client-level accounting is kept under (sample-level units are client ids, all >= 0).
-CLIENT_LEVEL_UNIT = -1
+__all__ = ["CLIENT_LEVEL_UNIT", "DPPlan", "PerExampleRelease", "ServerPrivacy", "clip_round", "plan_for"]
 
 
 @dataclass(frozen=True)
@@ -47,39 +53,35 @@ class DPPlan:
     noise_std: float
     dense_reply: bool = False
 
-
-@functools.lru_cache(maxsize=256)
-def _sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    return noise_multiplier_for(
-        target_epsilon, delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-    )
-
-
-def _noise_multiplier(privacy: PrivacySection, sample_rate: float, total_steps: int) -> float:
-    if privacy.noise_multiplier > 0:
-        return privacy.noise_multiplier
-    # target-epsilon: sigma for the whole run as if this unit took part in every round (an upper
-    # bound on its steps, so the target holds whatever the sampling).
-    return _sigma(privacy.target_epsilon, privacy.delta, sample_rate, total_steps, privacy.accountant)
+    def figures(self) -> DPFigures:
+        """What the reply reports (and the server accounts)."""
+        return DPFigures(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            clip=self.clip,
+        )
 
 
 def sample_plan(cfg: RunConfig, *, num_examples: int, local_steps: int, batch_size: int) -> DPPlan:
     """Sample-level DP for one client: q = batch / its examples, one release per local step."""
-    if num_examples < 1:
-        raise ValueError("a client with no examples cannot train privately")
-    q = min(1.0, batch_size / num_examples)
-    sigma = _noise_multiplier(cfg.privacy, q, local_steps * cfg.federation.num_rounds)
-    return DPPlan("sample", cfg.privacy.clip, sigma, q, local_steps, sigma * cfg.privacy.clip)
+    f = sample_figures(cfg, num_examples=num_examples, local_steps=local_steps, batch_size=batch_size)
+    return DPPlan("sample", f.clip, f.noise_multiplier, f.sample_rate, f.steps, f.noise_multiplier * f.clip)
 
 
 def client_plan(cfg: RunConfig) -> DPPlan:
     """Client-level DP: q = clients per round / clients, one release per round."""
-    fed, privacy = cfg.federation, cfg.privacy
-    q = min(1.0, fed.clients_per_round / fed.num_clients)
-    sigma = _noise_multiplier(privacy, q, fed.num_rounds)
-    at_client = privacy.noise_at == "client"
-    std = sigma * privacy.clip / math.sqrt(fed.clients_per_round) if at_client else 0.0
-    return DPPlan("client", privacy.clip, sigma, q, 1, std, dense_reply=at_client)
+    f = client_figures(cfg)
+    std = client_noise_std(cfg, f)
+    return DPPlan(
+        "client",
+        f.clip,
+        f.noise_multiplier,
+        f.sample_rate,
+        f.steps,
+        std,
+        dense_reply=cfg.privacy.noise_at == "client",
+    )
 
 
 def plan_for(cfg: RunConfig, *, num_examples: int) -> DPPlan | None:
@@ -129,37 +131,15 @@ def figures_mismatch(
     plan: DPPlan, *, sigma: float, sample_rate: float, steps: int, clip: float
 ) -> str | None:
     """Why a reply's reported DP figures are not the ones the run's config implies (None: they are)."""
-    checks = (
-        ("clip", clip, plan.clip),
-        ("noise multiplier", sigma, plan.noise_multiplier),
-        ("sample rate", sample_rate, plan.sample_rate),
-        ("steps", float(steps), float(plan.steps)),
-    )
-    for name, got, want in checks:
-        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=0.0):
-            return f"reports {name} {got:g}, but the run's privacy config implies {want:g}"
-    return None
+    return _mismatch(DPFigures(sigma, sample_rate, steps, clip), plan.figures())
 
 
-class ServerPrivacy:
-    """The server's side of DP-FedKSeed: check each reply's figures, account, add server noise.
-
-    The ledger records what was released, so a reply counts once it passes validation, even in a
-    round that is then skipped (its noised scalars reached the server all the same).
-    """
+class ServerPrivacy(ServerLedger):
+    """The server's side of DP-FedKSeed: the shared ledger plus the noise of a trusted server per seed."""
 
     def __init__(self, cfg: RunConfig, num_seeds: int) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.num_seeds = num_seeds
-        self.ledger = self.new_ledger()
-        self.noise = SecureGaussian()
-
-    def new_ledger(self) -> PrivacyLedger:
-        return PrivacyLedger(self.cfg.privacy.accountant)
-
-    @property
-    def client_level(self) -> bool:
-        return self.cfg.privacy.mechanism == "client"
 
     def plan(self, num_examples: int) -> DPPlan:
         plan = plan_for(self.cfg, num_examples=num_examples)
@@ -167,30 +147,7 @@ class ServerPrivacy:
             raise ValueError("privacy is off")
         return plan
 
-    def record(self, releases: dict[int, DPPlan]) -> None:
-        """Account for one round's validated releases (node id -> the plan it followed)."""
-        if not releases:
-            return
-        if self.client_level:
-            plan = next(iter(releases.values()))
-            self.ledger.record(
-                CLIENT_LEVEL_UNIT,
-                noise_multiplier=plan.noise_multiplier,
-                sample_rate=plan.sample_rate,
-                steps=1,
-            )
-            return
-        for node, plan in sorted(releases.items()):
-            self.ledger.record(
-                node, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps
-            )
-
     def server_noise(self) -> npt.NDArray[np.float64] | None:
         """Client-level DP with ``noise-at = "server"``: N(0, (sigma C)^2) per seed for the round's sum."""
-        if not self.client_level or self.cfg.privacy.noise_at != "server":
-            return None
-        plan = client_plan(self.cfg)
-        return self.noise.normal(self.num_seeds, plan.noise_multiplier * plan.clip)
-
-    def metrics(self) -> dict[str, float]:
-        return self.ledger.report(self.cfg.privacy.delta)
+        std = self.server_noise_std()
+        return None if std is None else self.noise.normal(self.num_seeds, std)

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from fedtune.aggregators.base import Aggregator, ClientUpdate, StateValue
 from fedtune.algorithms.base import EvalModel, NodeReply, RoundOutcome, ServerAlgorithm
 from fedtune.algorithms.rounds import MAX_NUM_EXAMPLES, RoundBook, secure_mean, under_prefix, with_prefix
-from fedtune.fedkseed.dp import ServerPrivacy, figures_mismatch
+from fedtune.fedkseed.dp import ServerPrivacy
 from fedtune.fedkseed.pro import SeedImportance
 from fedtune.wire.codec import (
     PayloadError,
@@ -190,20 +190,9 @@ class FedKSeedServer(ServerAlgorithm):
         elif n + reply.num_skipped_steps != settings.num_local_steps:
             return f"{n} steps + {reply.num_skipped_steps} skipped != {settings.num_local_steps} asked"
         if self.privacy is not None:
-            if reply.dp is None:
-                return (
-                    "privacy is on, but the reply carries no DP figures (a client without privacy.mechanism?)"
-                )
-            d = reply.dp
-            problem = figures_mismatch(
-                self.privacy.plan(reply.num_examples),
-                sigma=d.noise_multiplier,
-                sample_rate=d.sample_rate,
-                steps=d.steps,
-                clip=d.clip,
-            )
+            problem = self.privacy.check_figures(reply.dp, self.privacy.plan(reply.num_examples).figures())
             if problem is not None:
-                return f"DP figures: {problem}"
+                return problem
         return reply
 
     def _note_error(self, reply: NodeReply, server_round: int) -> None:
@@ -247,7 +236,7 @@ class FedKSeedServer(ServerAlgorithm):
             book.accept(update, train_loss=result.train_loss, peak_memory_mb=result.peak_memory_mb)
             steps[r.node_id] = result
         if self.privacy is not None:  # released is released, whether or not the round applies
-            self.privacy.record({n: self.privacy.plan(p.num_examples) for n, p in steps.items()})
+            self.privacy.record({n: self.privacy.plan(p.num_examples).figures() for n, p in steps.items()})
         return book, steps
 
     def _metrics(self, book: RoundBook, steps: Mapping[int, ReplyPayload], lr: float) -> dict[str, float]:

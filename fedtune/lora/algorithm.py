@@ -39,7 +39,7 @@ from fedtune.lora.fedit import (
     train_local_private,
 )
 from fedtune.lora.server import SUMMED, LoRAFedAvgServer
-from fedtune.privacy import SecureGaussian
+from fedtune.privacy.noise import SecureGaussian
 from fedtune.wire.lora_codec import AdapterReplyPayload, decode_adapter_sync, encode_adapter_reply
 
 _LOCK = threading.Lock()

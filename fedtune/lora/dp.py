@@ -21,7 +21,6 @@ run as if the unit took part in every round (an upper bound on its releases).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -33,30 +32,30 @@ from fedtune.algorithms.rounds import under_prefix, with_prefix
 from fedtune.config import RunConfig
 from fedtune.data.batch import TokenBatch
 from fedtune.data.node import NodeData
-from fedtune.privacy import PrivacyLedger, SecureGaussian, noise_multiplier_for
+from fedtune.privacy.accountant import PrivacyLedger
 from fedtune.privacy.dp_sgd import DPSGDSettings, poisson_sample
+from fedtune.privacy.noise import SecureGaussian
+from fedtune.privacy.plan import (
+    CLIENT_LEVEL_UNIT,
+    ServerLedger,
+    client_figures,
+    client_noise_std,
+    figures_mismatch,
+    sample_figures,
+)
 from fedtune.wire.dp_report import DPFigures
 
-#: The accounting unit of client-level DP (sample-level units are node ids).
-CLIENT_LEVEL_UNIT = -1
+__all__ = [
+    "CLIENT_LEVEL_UNIT",
+    "LoRAServerPrivacy",
+    "client_noise_std",
+    "clip_update",
+    "dp_figures",
+    "figures_mismatch",
+    "private_client_update",
+]
 AdapterArrays = dict[str, npt.NDArray[np.float32]]
 _STATE_PREFIX = "dp"
-
-
-@functools.lru_cache(maxsize=1024)
-def _derived_sigma(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    return noise_multiplier_for(
-        target_epsilon, delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-    )
-
-
-def _sigma(cfg: RunConfig, sample_rate: float, run_steps: int) -> float:
-    p = cfg.privacy
-    if p.noise_multiplier > 0:
-        return p.noise_multiplier
-    return _derived_sigma(p.target_epsilon, p.delta, sample_rate, run_steps, p.accountant)
 
 
 def expected_batch_size(cfg: RunConfig, num_examples: int) -> int:
@@ -74,15 +73,13 @@ def dp_figures(cfg: RunConfig, *, num_examples: int) -> DPFigures | None:
         return None
     if num_examples < 1:
         raise ValueError("a client with no examples cannot train privately")
-    fed, lora = cfg.federation, cfg.lora
     if mechanism == "sample":
-        q = expected_batch_size(cfg, num_examples) / num_examples
-        sigma = _sigma(cfg, q, lora.local_steps * fed.num_rounds)
-        return DPFigures(noise_multiplier=sigma, sample_rate=q, steps=lora.local_steps, clip=cfg.privacy.clip)
+        lora = cfg.lora
+        return sample_figures(
+            cfg, num_examples=num_examples, local_steps=lora.local_steps, batch_size=lora.batch_size
+        )
     if mechanism == "client":
-        q = min(1.0, fed.clients_per_round / fed.num_clients)
-        sigma = _sigma(cfg, q, fed.num_rounds)
-        return DPFigures(noise_multiplier=sigma, sample_rate=q, steps=1, clip=cfg.privacy.clip)
+        return client_figures(cfg)
     raise ValueError(f"privacy.mechanism {mechanism!r} is not implemented for LoRA-FedAvg")
 
 
@@ -92,13 +89,6 @@ def dp_sgd_settings(cfg: RunConfig, figures: DPFigures, num_examples: int) -> DP
         clip=figures.clip,
         expected_batch_size=expected_batch_size(cfg, num_examples),
     )
-
-
-def client_noise_std(cfg: RunConfig, figures: DPFigures) -> float:
-    """Client-level DP: the std each client adds per coordinate (0 when the server adds the noise)."""
-    if cfg.privacy.noise_at != "client":
-        return 0.0
-    return figures.noise_multiplier * figures.clip / math.sqrt(cfg.federation.clients_per_round)
 
 
 def poisson_batches(
@@ -168,65 +158,19 @@ def private_client_update(
     return out
 
 
-def figures_mismatch(got: DPFigures, want: DPFigures) -> str | None:
-    """Why a reply's DP figures differ from those the config implies (None: they agree)."""
-    pairs = (
-        ("clip", got.clip, want.clip),
-        ("noise multiplier", got.noise_multiplier, want.noise_multiplier),
-        ("sample rate", got.sample_rate, want.sample_rate),
-        ("steps", float(got.steps), float(want.steps)),
-    )
-    for name, g, w in pairs:
-        if not math.isclose(g, w, rel_tol=1e-6, abs_tol=0.0):
-            return f"reports {name} {g:g}, but the run's privacy config implies {w:g}"
-    return None
-
-
-class LoRAServerPrivacy:
-    """The server's side: check each reply's figures, account for accepted ones, server noise.
-
-    A validated reply is recorded even if its round is then skipped: its update reached the server.
-    """
-
-    def __init__(self, cfg: RunConfig) -> None:
-        if not cfg.privacy.enabled:
-            raise ValueError("LoRAServerPrivacy needs privacy.mechanism = 'sample' or 'client'")
-        self.cfg = cfg
-        self.ledger = PrivacyLedger(cfg.privacy.accountant)
-        self.noise = SecureGaussian()
-
-    @property
-    def client_level(self) -> bool:
-        return self.cfg.privacy.mechanism == "client"
+class LoRAServerPrivacy(ServerLedger):
+    """The server's side for LoRA-FedAvg: the shared ledger, re-clipping and noise of a trusted server."""
 
     def check(self, dp: DPFigures | None, num_examples: int) -> str | None:
         """None when ``dp`` is what the config implies for a client of ``num_examples``."""
-        if dp is None:
-            return "privacy is on, but the reply carries no DP figures (a client without privacy.mechanism?)"
         want = dp_figures(self.cfg, num_examples=num_examples)
         if want is None:  # pragma: no cover - this object exists only with privacy on
             return None
-        problem = figures_mismatch(dp, want)
-        return None if problem is None else f"DP figures: {problem}"
-
-    def record(self, accepted: Mapping[int, DPFigures]) -> None:
-        """Account one round's validated releases (node id -> its checked figures)."""
-        if not accepted:
-            return
-        if self.client_level:
-            f = next(iter(accepted.values()))
-            self.ledger.record(
-                CLIENT_LEVEL_UNIT, noise_multiplier=f.noise_multiplier, sample_rate=f.sample_rate, steps=1
-            )
-            return
-        for node, f in sorted(accepted.items()):
-            self.ledger.record(
-                node, noise_multiplier=f.noise_multiplier, sample_rate=f.sample_rate, steps=f.steps
-            )
+        return self.check_figures(dp, want)
 
     def server_clip(self, delta: Mapping[str, npt.NDArray[np.float32]]) -> dict[str, npt.NDArray[np.float32]]:
         """Client level with the noise at the (trusted) server: it enforces the clip itself."""
-        if not self.client_level or self.cfg.privacy.noise_at != "server":
+        if not self.noise_at_server:
             return dict(delta)
         clipped, _ = clip_update(delta, self.cfg.privacy.clip)
         return {k: v.astype(np.float32) for k, v in clipped.items()}
@@ -235,16 +179,10 @@ class LoRAServerPrivacy:
         self, shapes: Mapping[str, tuple[int, ...]]
     ) -> dict[str, npt.NDArray[np.float64]] | None:
         """Client level, ``noise-at = "server"``: N(0, (sigma C)^2) per coordinate for the round's sum."""
-        if not self.client_level or self.cfg.privacy.noise_at != "server":
+        std = self.server_noise_std()
+        if std is None:
             return None
-        f = dp_figures(self.cfg, num_examples=1)
-        if f is None:  # pragma: no cover
-            return None
-        std = f.noise_multiplier * f.clip
         return {k: self.noise.normal(math.prod(s), std).reshape(s) for k, s in shapes.items()}
-
-    def metrics(self) -> dict[str, float]:
-        return self.ledger.report(self.cfg.privacy.delta)
 
     def state_dict(self) -> dict[str, StateValue]:
         return with_prefix(_STATE_PREFIX, dict(self.ledger.state_dict()))
@@ -258,6 +196,6 @@ class LoRAServerPrivacy:
                 "the checkpoint has no privacy ledger, but this run has privacy on; resume with the "
                 "privacy config the run was started with"
             )
-        ledger = PrivacyLedger(self.cfg.privacy.accountant)
+        ledger = self.new_ledger()
         ledger.load_state_dict(sub)
         return ledger

@@ -135,17 +135,9 @@ class KeysReply:
 
 
 @dataclass(frozen=True)
-class NodeKeys:
-    """One entry of :class:`KeysBroadcast`."""
-
-    node_id: int
-    c_public: bytes
-    s_public: bytes
-
-    def __post_init__(self) -> None:
-        _node("node_id", self.node_id)
-        _key("c_public", self.c_public)
-        _key("s_public", self.s_public)
+class NodeKeys(KeysReply):
+    """One entry of :class:`KeysBroadcast`: a participant's keys as it sent them (a distinct type, so
+    a stage-1 reply cannot pass for a broadcast entry)."""
 
 
 @dataclass(frozen=True)

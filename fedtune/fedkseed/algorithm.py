@@ -23,7 +23,7 @@ from fedtune.fedkseed.dp import ServerPrivacy, plan_for
 from fedtune.fedkseed.replica import build_replica, get_replica
 from fedtune.fedkseed.server import FedKSeedServer, RoundSettings, coefficients_from_steps
 from fedtune.fedkseed.state import WEIGHTS_FILE, load_weights, save_weights
-from fedtune.wire.codec import ReplyPayload, decode_sync, encode_reply
+from fedtune.wire.codec import ReplyPayload, SyncPayload, decode_sync, encode_reply
 from fedtune.wire.errors import ErrorCode
 
 VIEW_FILE = "fedkseed-view.npz"
@@ -47,15 +47,15 @@ class FedKSeedNode(ClientAlgorithm):
         self.cfg = cfg
 
     def train(self, payload: bytes, node: NodeContext) -> bytes:
-        reply = self._round(payload, node)
+        reply = self._round(decode_sync(payload), node)
         return encode_reply(reply, scalar_dtype=self.cfg.fedkseed.reply_scalars)  # type: ignore[arg-type]
 
     def train_summand(self, payload: bytes, node: NodeContext) -> Summand:
         """The round's lr-folded K-vector goes into the secure sum; only the rest is sent in clear."""
-        reply = self._round(payload, node)
-        lr = decode_sync(payload).lr
+        sync = decode_sync(payload)
+        reply = self._round(sync, node)
         vector = coefficients_from_steps(
-            reply.seed_indices, reply.projected_grads, lr=lr, num_seeds=self.cfg.fedkseed.num_seeds
+            reply.seed_indices, reply.projected_grads, lr=sync.lr, num_seeds=self.cfg.fedkseed.num_seeds
         )
         public = dataclasses.replace(
             reply,
@@ -64,9 +64,8 @@ class FedKSeedNode(ClientAlgorithm):
         )
         return Summand(vector=vector, weight=float(reply.num_examples), public=encode_reply(public))
 
-    def _round(self, payload: bytes, node: NodeContext) -> ReplyPayload:
+    def _round(self, sync: SyncPayload, node: NodeContext) -> ReplyPayload:
         cfg = self.cfg
-        sync = decode_sync(payload)
         with node.timer.phase("model_load"):
             replica = get_replica(cfg)
         client = replica.client

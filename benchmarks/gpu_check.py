@@ -37,8 +37,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import numpy.typing as npt
 import torch
+from _timing import interleaved
 from transformers import PreTrainedModel
-from zo_step import interleaved_medians, random_batch
+from zo_step import random_batch
 
 from fedtune.assets.models import load_causal_lm
 from fedtune.zo import (
@@ -161,7 +162,7 @@ def step_and_replay(
         "two_forward": job(two_forward),
         **{kind: job(lambda s=s: s.step(batch, next(seeds), LR)) for kind, s in steppers.items()},  # type: ignore[misc]
     }
-    times = interleaved_medians(jobs, reps)
+    times = {name: t["median"] for name, t in interleaved(jobs, reps).items()}
     if device.type == "cuda":
         for name, fn in jobs.items():
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,7 +1,10 @@
-"""Time and memory of one MeZO step on SmolLM2-135M against a plain MeZO reference step.
+"""Time and memory of one MeZO step on SmolLM2-135M against two forward passes and two reference steps.
 
 Usage: ``python benchmarks/zo_step.py [--quick]`` (``--quick``: the 2-layer slice).
-The last printed line is one JSON object. Times are medians over repetitions after one warm-up.
+The last printed line is one JSON object. Every time is the median of ``--reps`` interleaved repetitions
+after one warm-up each, with min and max. ``careful_reference`` is the baseline (same loss as fedtune, an
+explicit generator, in-place adds); ``published_mezo_hf_loss`` is MeZO's published loop with the full Hugging
+Face loss, a labelled second figure.
 
 Memory: a fresh subprocess loads the model, then for each mode (two forwards; two ZO steps per kind) resets
 the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the work;
@@ -15,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from _timing import interleaved
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -51,10 +54,41 @@ def random_batch(vocab: int) -> TokenBatch:
     return TokenBatch(ids, torch.ones_like(ids), labels)
 
 
-def reference_step(model: nn.Module, params: list[nn.Parameter], batch: TokenBatch, seed: int) -> float:
+def careful_step(
+    model: nn.Module, params: list[nn.Parameter], batch: TokenBatch, seed: int, kind: str
+) -> float:
+    """The baseline: MeZO as a careful user writes it, with fedtune's loss.
+
+    An explicit generator reseeded for each of the four passes, z regenerated per parameter and added in
+    place, and the same answer-only loss as fedtune's step, so the ratio measures the engine alone.
+    """
+    generator = torch.Generator()
+
+    def perturb(scale: float) -> None:
+        generator.manual_seed(seed)
+        for p in params:
+            if kind == "gaussian":
+                z = torch.randn(p.shape, generator=generator)
+            else:
+                z = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.float32).mul_(2.0).sub_(1.0)
+            p.add_(z, alpha=scale)
+
+    with torch.inference_mode():
+        perturb(EPS)
+        loss_plus = float(answer_loss(model, batch))
+        perturb(-2 * EPS)
+        loss_minus = float(answer_loss(model, batch))
+        perturb(EPS)
+        grad = (loss_plus - loss_minus) / (2 * EPS)
+        perturb(-LR * grad)
+    return grad
+
+
+def published_step(model: nn.Module, params: list[nn.Parameter], batch: TokenBatch, seed: int) -> float:
     """MeZO as published: global-RNG reseeding, torch.normal per parameter, four passes, full HF loss.
 
-    The baseline is the only place in fedtune allowed to seed the global RNG; fork_rng restores it after.
+    Kept as a labelled second figure: its full-vocabulary loss is part of what it costs. The only place in
+    fedtune that seeds the global RNG; fork_rng restores it after.
     """
 
     def perturb(scale: float) -> None:
@@ -76,20 +110,6 @@ def reference_step(model: nn.Module, params: list[nn.Parameter], batch: TokenBat
         grad = (loss_plus - loss_minus) / (2 * EPS)
         perturb(-LR * grad)
     return grad
-
-
-def interleaved_medians(jobs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall time per job; jobs alternate within each repetition so load from other processes on a
-    shared machine hits all of them alike. One warm-up call each (allocator, caches, lazy buffers)."""
-    for fn in jobs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(reps):
-        for name, fn in jobs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 class PeakRss:
@@ -205,38 +225,41 @@ def main() -> None:
     jobs: dict[str, Callable[[], object]] = {
         "two_forward": two_forward,
         "axpy_pass": axpy_pass,
-        "reference": lambda: reference_step(model, params, batch, next(seeds)),
-        **{kind: (lambda s=s: s.step(batch, next(seeds), LR)) for kind, s in steppers.items()},  # type: ignore[misc]
+        "published_mezo_hf_loss": lambda: published_step(model, params, batch, next(seeds)),
     }
-    times = interleaved_medians(jobs, reps)
-    two_forward_s, axpy_pass_s, reference_step_s = (
-        times["two_forward"],
-        times["axpy_pass"],
-        times["reference"],
-    )
+    for kind, stepper in steppers.items():
+        jobs[kind] = lambda s=stepper: s.step(batch, next(seeds), LR)  # type: ignore[misc]
+        jobs[f"careful_{kind}"] = lambda k=kind: careful_step(model, params, batch, next(seeds), k)  # type: ignore[misc]
+    times = interleaved(jobs, reps)
+    med = {name: t["median"] for name, t in times.items()}
+    two_forward_s, axpy_pass_s = med["two_forward"], med["axpy_pass"]
     memory = memory_in_subprocess(args.quick, kinds, args.cache_z)
     inference = memory["inference"]
 
+    step_targets = {"gaussian": 1.2, "rademacher": 1.05}
     variants: dict[str, dict[str, object]] = {}
     for kind in kinds:
-        zo_step_s = times[kind]
+        zo_step_s = med[kind]
         zo_memory = memory[kind]
         zo_peak, inference_peak = float(zo_memory["peak_mb"]), float(inference["peak_mb"])
         overhead = zo_step_s - two_forward_s
+        ratio = zo_step_s / two_forward_s
+        target = step_targets.get(kind, 1.2)
         variants[kind] = {
             "kind": kind,
             "cache_z": args.cache_z,
             "cached_tensors": f"{len(steppers[kind].direction.cached)}/{len(params)}",
-            "zo_step_s": round(zo_step_s, 4),
-            "step_over_two_forward": round(zo_step_s / two_forward_s, 3),
-            "speedup_vs_reference": round(reference_step_s / zo_step_s, 3),
+            "zo_step_s": times[kind],
+            "careful_reference_step_s": times[f"careful_{kind}"],
+            "step_over_two_forward": round(ratio, 3),
+            "speedup_vs_careful_reference": round(med[f"careful_{kind}"] / zo_step_s, 3),
+            "speedup_vs_published_mezo_hf_loss": round(med["published_mezo_hf_loss"] / zo_step_s, 3),
             "overhead_s": round(overhead, 4),
             "overhead_over_three_axpy": round(overhead / (3 * axpy_pass_s), 2),
             "zo_peak_mb": round(zo_peak, 1),
             "zo_peak_over_inference": round(zo_peak / inference_peak, 3),
             "targets_met": {
-                "speedup_vs_reference>=2": reference_step_s / zo_step_s >= 2,
-                "overhead<=2x(3 axpy)": overhead <= 2 * 3 * axpy_pass_s,
+                f"step<={target}x_two_forward": ratio <= target,
                 "zo_peak<=1.2x_inference": zo_peak <= 1.2 * inference_peak,
             },
         }
@@ -249,14 +272,14 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "num_params": sum(p.numel() for p in params),
-        "two_forward_s": round(two_forward_s, 4),
-        "reference_step_s": round(reference_step_s, 4),
-        "axpy_pass_s": round(axpy_pass_s, 4),
+        "two_forward_s": times["two_forward"],
+        "axpy_pass_s": times["axpy_pass"],
+        "published_mezo_hf_loss_step_s": times["published_mezo_hf_loss"],
         "inference_peak_mb": round(float(inference["peak_mb"]), 1),
         "memory_method": inference["method"],
         **{
             k: first[k]
-            for k in ("kind", "cache_z", "zo_step_s", "step_over_two_forward", "speedup_vs_reference")
+            for k in ("kind", "cache_z", "zo_step_s", "step_over_two_forward", "speedup_vs_careful_reference")
         },
         "zo_peak_mb": first["zo_peak_mb"],
         "variants": variants,

@@ -36,6 +36,9 @@ from fedtune.wire.errors import ErrorCode
 
 COEFFICIENTS = "coefficients"
 STATE_VERSION = 2
+SYNC_HISTORY_ROUNDS = 64
+"""Rounds of accumulator changes kept for sparse syncs. A node whose last confirmed round is older is
+forgotten and synced relative to zero, so server memory stays bounded however long the run."""
 
 
 @dataclass(frozen=True)
@@ -154,10 +157,13 @@ class FedKSeedServer(ServerAlgorithm):
 
     def _delta_since(self, base_round: int) -> SparseDelta:
         """A now minus A at the start of ``base_round`` (rounds without an update add nothing)."""
-        total = np.zeros(self.num_seeds, dtype=np.float64)
-        for v, d in self.round_deltas.items():
-            if v >= base_round:
-                np.add.at(total, d.indices.astype(np.int64), d.values.astype(np.float64))
+        if base_round <= 1:  # relative to zero: A itself, whatever history has been pruned
+            total = self.accumulator.copy()
+        else:
+            total = np.zeros(self.num_seeds, dtype=np.float64)
+            for v, d in self.round_deltas.items():
+                if v >= base_round:
+                    np.add.at(total, d.indices.astype(np.int64), d.values.astype(np.float64))
         idx = np.flatnonzero(total).astype(np.uint32)
         return SparseDelta(base_round=base_round, indices=idx, values=total[idx].astype(np.float32))
 
@@ -322,11 +328,21 @@ class FedKSeedServer(ServerAlgorithm):
         )
         for node in steps:  # each accepted node holds A as of this round's start
             self.node_versions[node] = server_round
+        self._prune_history()
         if self.pro:  # seed importance learns only from the updates the aggregator kept
             for node in kept:
                 self.importance.update(steps[node].seed_indices, steps[node].projected_grads)
         metrics["seeds_touched"] = int(idx.size)
         return book.outcome(metrics)
+
+    def _prune_history(self) -> None:
+        """Drop round deltas no node's sparse sync can need, and nodes older than the kept history."""
+        horizon = self.completed_round + 1 - SYNC_HISTORY_ROUNDS
+        for node in [n for n, v in self.node_versions.items() if v < horizon]:
+            self.forget_node(node)
+        oldest = min(self.node_versions.values(), default=self.completed_round + 1)
+        for v in [v for v in self.round_deltas if v < oldest]:
+            del self.round_deltas[v]
 
     def eval_model(self) -> EvalModel | None:
         return None if self._eval_model is None else self._eval_model(self.accumulator)

@@ -3,16 +3,19 @@
 A two-point step needs the same z three times. Caching it saves regenerations (Gaussian z is the dominant
 CPU cost, ``fedkseed.md`` §9) but a float32 cache costs 4 bytes per parameter, more than MeZO's "memory equals
 inference" promise allows on the full model. Rademacher signs cache as packed bits (d/8 bytes), so they are
-always cheap to keep.
+always cheap to keep. Gaussian z that is not cached is regenerated in cache-sized pieces
+(:mod:`.gaussian_chunks`), so a worker's scratch is one piece and the budget goes to caches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal, get_args
 
 import torch
 
+from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
+from fedtune.zo.kernels import CPU_CHUNK as PIECE
 from fedtune.zo.kernels import SignWorkspace, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import MAX_SEED_INDEX, Perturbation
@@ -82,7 +85,11 @@ class SeedDirection:
         """Cache bytes plus per-thread regeneration scratch (Gaussian, CPU) for a cache plan."""
         if self.perturbation.kind == "rademacher":
             return sum((numels[p] + 7) // 8 for p in cached)
-        scratch = sum(max((numels[p] for p in group if p not in cached), default=0) for group in self.groups)
+        # Regenerated tensors need one piece of scratch per worker, not a tensor's worth.
+        scratch = sum(
+            min(PIECE + 2 * BLOCK, max((numels[p] for p in group if p not in cached), default=0))
+            for group in self.groups
+        )
         return 4 * (sum(numels[p] for p in cached) + scratch)
 
     @property
@@ -109,40 +116,47 @@ class SeedDirection:
         for position in positions:
             target = flat_view(self.tuned.tensors[position])
             if self.perturbation.kind == "gaussian":
-                target.add_(self._gaussian(group, position, seed, target.device), alpha=alpha)
+                if position in self.cached:
+                    target.add_(self._cached_gaussian(group, position, seed, target.device), alpha=alpha)
+                else:
+                    self._add_gaussian_pieces(group, position, seed, target, alpha)
             else:
                 workspace = self._signs[group]
                 if workspace is None or workspace.lut.device != target.device:
                     workspace = self._signs[group] = SignWorkspace(target.device)
                 workspace.axpy_(target, self._packed(position, seed, target.device), alpha)
 
-    def _gaussian(self, group: int, position: int, seed: int, device: torch.device) -> torch.Tensor:
+    def _cached_gaussian(self, group: int, position: int, seed: int, device: torch.device) -> torch.Tensor:
         n = self.perturbation.numels[position]
-        if position in self.cached:
-            z = self._cache.get(position)
-            if z is None:
-                z = self._cache[position] = torch.empty(n, dtype=torch.float32, device=device)
-            if not self._filled:
-                if device.type == "cpu":
-                    self.perturbation.fill_gaussian(seed, position, z)
-                else:
-                    z.copy_(self.perturbation.fill_gaussian(seed, position, self._cpu_scratch(group, n)))
-            return z
-        z = self.perturbation.fill_gaussian(seed, position, self._cpu_scratch(group, n))
-        return z if device.type == "cpu" else z.to(device)
+        z = self._cache.get(position)
+        if z is None:
+            z = self._cache[position] = torch.empty(n, dtype=torch.float32, device=device)
+        if not self._filled:
+            if device.type == "cpu":
+                self.perturbation.fill_gaussian(seed, position, z)
+            else:
+                for (start, stop), piece in self._pieces(group, position, seed):
+                    z[start:stop].copy_(piece)
+        return z
 
-    def _cpu_scratch(self, group: int, n: int) -> torch.Tensor:
+    def _add_gaussian_pieces(
+        self, group: int, position: int, seed: int, target: torch.Tensor, alpha: float
+    ) -> None:
+        """Regenerate z piece by piece, each added while it is still in cache (same values as one call)."""
+        for (start, stop), piece in self._pieces(group, position, seed):
+            target[start:stop].add_(
+                piece if target.device.type == "cpu" else piece.to(target.device), alpha=alpha
+            )
+
+    def _pieces(self, group: int, position: int, seed: int) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+        pieces = GaussianPieces(
+            self.perturbation.gaussian_seed(seed, position), self.perturbation.numels[position], PIECE
+        )
         scratch = self._scratch[group]
-        if scratch is None or scratch.numel() < n:
-            # Sized once for the largest tensor this worker regenerates, so steady state never allocates.
-            devices = {t.device.type for t in self.tuned.tensors}
-            needed = [
-                self.perturbation.numels[p]
-                for p in self.groups[group]
-                if p not in self.cached or devices != {"cpu"}
-            ]
-            scratch = self._scratch[group] = torch.empty(max([n, *needed]), dtype=torch.float32)
-        return scratch
+        if scratch is None or scratch.numel() < pieces.max_piece:
+            scratch = self._scratch[group] = torch.empty(PIECE + 2 * BLOCK, dtype=torch.float32)
+        for bounds in pieces.bounds:
+            yield bounds, pieces.fill(scratch)
 
     def _packed(self, position: int, seed: int, device: torch.device) -> torch.Tensor:
         if position not in self.cached:

@@ -1,9 +1,12 @@
 """Seed replay: theta += sum_s c_s z_s for many seeds, as a FedKSeed party rebuilds the global model.
 
 FedKSeed's sync is ``theta_r = theta_0 - lr * sum_s A_s z_s`` over up to K seeds (``fedkseed.md`` §1.3); its
-cost, K full-model regenerations, dominates a round (§7.4). Looping tensors outer and seeds inner lets each
-tensor accumulate every seed's contribution into one buffer (in cache-sized chunks for packed signs) and touch
-the weight once, with workers in parallel over tensors.
+cost, K full-model regenerations, dominates a round (§7.4). Workers split the tensors; each tensor gathers
+every seed's contribution before the weight is touched once:
+
+* Rademacher: 16 seeds per pass through a 65,536-entry table of their signed sums (:mod:`.sign_sums`);
+* Gaussian: seeds inner, cache-sized pieces outer (:mod:`.gaussian_chunks`), so each piece of z is added
+  into an L2-resident accumulator right after it is generated, with one generator per seed.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedtune.zo.kernels import SignWorkspace, balanced_groups, flat_view, run_groups
+from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
+from fedtune.zo.kernels import CPU_CHUNK, CUDA_CHUNK, SIGN_SUM_CHUNK, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import MAX_SEED_INDEX, Perturbation
+from fedtune.zo.sign_sums import GROUP, SignSumWorkspace, group_table
 
 SeedIndices = Sequence[int] | npt.NDArray[np.integer]
 Values = Sequence[float] | npt.NDArray[np.floating]
 Coefficients = npt.NDArray[np.floating] | tuple[SeedIndices, Values]
 """Either a dense array indexed by seed index, or parallel (seed_indices, values) arrays."""
+Pair = tuple[int, float]
 
 
 def nonzero_coefficients(coefficients: Coefficients) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -62,7 +68,8 @@ def replay(
     """Add ``sum_s c_s z_s`` to the tuned tensors in place; return how many (non-zero) seeds were applied.
 
     Equal to applying the seeds one by one up to float32 rounding; ``replay(-c)`` undoes ``replay(c)``.
-    Extra memory: one float32 accumulator of the largest tensor per thread (plus a Gaussian z buffer).
+    Extra memory: Rademacher, one float32 accumulator of the largest tensor and two bytes per value of
+    16 seeds' signs per thread; Gaussian, two pieces of scratch and one generator per seed per thread.
     """
     if tuned.shapes != perturbation.shapes:
         raise ValueError("perturbation shapes do not match the tuned tensors; build both from one model")
@@ -74,27 +81,58 @@ def replay(
         return 0
     pairs = list(zip(seeds.tolist(), values.tolist(), strict=True))
     groups = balanced_groups(perturbation.numels, threads)
-
-    def work(_: int, positions: Sequence[int]) -> None:
-        size = max(perturbation.numels[p] for p in positions)
-        accumulator: torch.Tensor | None = None
-        z_cpu = torch.empty(size, dtype=torch.float32) if perturbation.kind == "gaussian" else None
-        signs: SignWorkspace | None = None
-        for position in positions:
-            target = flat_view(tuned.tensors[position])
-            n = target.numel()
-            if accumulator is None or accumulator.device != target.device:
-                accumulator = torch.empty(size, dtype=torch.float32, device=target.device)
-            acc = accumulator[:n].zero_()
-            for seed, value in pairs:
-                if z_cpu is not None:
-                    z = perturbation.fill_gaussian(seed, position, z_cpu)
-                    acc.add_(z if target.device.type == "cpu" else z.to(target.device), alpha=value)
-                else:
-                    if signs is None or signs.lut.device != target.device:
-                        signs = SignWorkspace(target.device)
-                    signs.axpy_(acc, perturbation.packed_signs(seed, position).to(target.device), value)
-            target.add_(acc)
-
-    run_groups(groups, work)
+    if perturbation.kind == "gaussian":
+        run_groups(groups, lambda _, positions: _gaussian_work(tuned, perturbation, pairs, positions))
+    else:
+        seed_groups = [pairs[i : i + GROUP] for i in range(0, len(pairs), GROUP)]
+        tables = [group_table([value for _, value in group]) for group in seed_groups]
+        run_groups(groups, lambda _, at: _sign_work(tuned, perturbation, seed_groups, tables, at))
     return len(pairs)
+
+
+def _sign_work(
+    tuned: TunedParameters,
+    perturbation: Perturbation,
+    seed_groups: Sequence[Sequence[Pair]],
+    tables: Sequence[torch.Tensor],
+    positions: Sequence[int],
+) -> None:
+    """Per tensor: 16 seeds per table pass into one accumulator, then one add into the weight."""
+    workspaces: dict[torch.device, tuple[SignSumWorkspace, torch.Tensor, list[torch.Tensor]]] = {}
+    largest = max(perturbation.numels[p] for p in positions)
+    for position in positions:
+        target = flat_view(tuned.tensors[position])
+        device = target.device
+        if device not in workspaces:  # one accumulator per worker, reused: fresh pages cost more than work
+            chunk = SIGN_SUM_CHUNK if device.type == "cpu" else CUDA_CHUNK
+            workspaces[device] = (
+                SignSumWorkspace(device, chunk),
+                torch.empty(largest, dtype=torch.float32, device=device),
+                [table.to(device) for table in tables],
+            )
+        workspace, accumulator, device_tables = workspaces[device]
+        acc = accumulator[: target.numel()].zero_()
+        for group, table in zip(seed_groups, device_tables, strict=True):
+            packed = [perturbation.packed_signs(seed, position).to(device) for seed, _ in group]
+            workspace.add_group_(acc, packed, table)
+        target.add_(acc)
+
+
+def _gaussian_work(
+    tuned: TunedParameters, perturbation: Perturbation, pairs: Sequence[Pair], positions: Sequence[int]
+) -> None:
+    """Per tensor and cache-sized piece: every seed's piece summed in L2, then one add into the weight."""
+    z = torch.empty(CPU_CHUNK + 2 * BLOCK, dtype=torch.float32)
+    acc = torch.empty_like(z)
+    for position in positions:
+        target = flat_view(tuned.tensors[position])
+        n = target.numel()
+        streams = [
+            (GaussianPieces(perturbation.gaussian_seed(seed, position), n, CPU_CHUNK), value)
+            for seed, value in pairs
+        ]
+        for start, stop in streams[0][0].bounds:
+            piece = acc[: stop - start].zero_()
+            for stream, value in streams:
+                piece.add_(stream.fill(z), alpha=value)
+            target[start:stop].add_(piece if target.device.type == "cpu" else piece.to(target.device))

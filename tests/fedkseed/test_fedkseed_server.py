@@ -10,7 +10,12 @@ import pytest
 from fedtune.aggregators import create_aggregator
 from fedtune.algorithms.base import NodeReply
 from fedtune.fedkseed.pro import SeedImportance
-from fedtune.fedkseed.server import FedKSeedServer, RoundSettings, coefficients_from_steps
+from fedtune.fedkseed.server import (
+    SYNC_HISTORY_ROUNDS,
+    FedKSeedServer,
+    RoundSettings,
+    coefficients_from_steps,
+)
 from fedtune.wire.codec import ReplyPayload, SparseDelta, encode_reply, probabilities_from_quantized
 from fedtune.wire.errors import ClientErrorPayload, ErrorCode
 
@@ -301,6 +306,23 @@ def test_sparse_sync_sends_only_what_changed_since_the_node_last_synced() -> Non
     third = server.make_sync(1, settings(3))
     assert isinstance(third.accumulator, SparseDelta) and third.accumulator.base_round == 0
     np.testing.assert_array_equal(third.accumulator.indices, np.flatnonzero(server.accumulator))
+
+
+def test_sync_history_stays_bounded_and_old_nodes_resync_from_zero() -> None:
+    # Node 1 replies every round, node 2 only in round 1: after SYNC_HISTORY_ROUNDS more rounds node 2
+    # is forgotten and the history no longer grows with the rounds.
+    server = make_server(sparse=True)
+    rounds = SYNC_HISTORY_ROUNDS + 20
+    run_round(server, 1, [(1, reply(1, [0, 1, 2], [1, 1, 1])), (2, reply(1, [3, 4, 5], [1, 1, 1]))])
+    for rnd in range(2, rounds + 1):
+        run_round(server, rnd, [(1, reply(rnd, [rnd % K, 1, 2], [1, 1, 1]))])
+        assert len(server.round_deltas) <= SYNC_HISTORY_ROUNDS
+    assert 2 not in server.node_versions and len(server.round_deltas) == 1
+    stale = server.make_sync(2, settings(rounds + 1)).accumulator  # every seed touched: sent dense
+    assert not isinstance(stale, SparseDelta)
+    np.testing.assert_array_equal(stale, server.accumulator.astype(np.float32))
+    fresh = server.make_sync(1, settings(rounds + 1)).accumulator
+    assert isinstance(fresh, SparseDelta) and fresh.base_round == rounds
 
 
 def test_sparse_sync_falls_back_to_dense_when_the_delta_is_larger() -> None:

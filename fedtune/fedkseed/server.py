@@ -56,9 +56,9 @@ def coefficients_from_steps(
     seed_indices: npt.NDArray[np.integer], grads: npt.NDArray[np.floating], *, lr: float, num_seeds: int
 ) -> npt.NDArray[np.float64]:
     """Dense K-vector of the coefficients a client applied locally: sum_t -lr * g_t at s_t."""
-    coef = np.zeros(num_seeds, dtype=np.float64)
-    np.add.at(coef, np.asarray(seed_indices, dtype=np.int64), -lr * np.asarray(grads, dtype=np.float64))
-    return coef
+    # bincount adds in the order of the steps, as np.add.at does, several times faster.
+    weights = -lr * np.asarray(grads, dtype=np.float64)
+    return np.bincount(np.asarray(seed_indices, dtype=np.int64), weights=weights, minlength=num_seeds)
 
 
 class FedKSeedServer(ServerAlgorithm):

@@ -58,7 +58,8 @@ def coefficients_from_steps(
     """Dense K-vector of the coefficients a client applied locally: sum_t -lr * g_t at s_t."""
     # bincount adds in the order of the steps, as np.add.at does, several times faster.
     weights = -lr * np.asarray(grads, dtype=np.float64)
-    return np.bincount(np.asarray(seed_indices, dtype=np.int64), weights=weights, minlength=num_seeds)
+    counts = np.bincount(np.asarray(seed_indices, dtype=np.int64), weights=weights, minlength=num_seeds)
+    return counts.astype(np.float64, copy=False)
 
 
 class FedKSeedServer(ServerAlgorithm):

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,11 @@ from fedtune.zo import (
 KINDS = ("rademacher", "gaussian")
 K, TAU = 4096, 200
 QUADRATIC = ("krum", "multi-krum")
+
+
+def progress(message: str) -> None:
+    """One line per finished stage on stderr, so stdout's last line stays the JSON."""
+    print(f"[scaling] {message}", file=sys.stderr, flush=True)
 
 
 def random_llama(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int) -> PreTrainedModel:
@@ -146,6 +152,7 @@ def seeds_sweep(model: PreTrainedModel, counts: dict[str, list[int]], reps: int)
 
             times = interleaved({"replay": job}, reps, warmup=False)
             rows.append({"nonzero_seeds": count, "replay_s": times["replay"]})
+            progress(f"seeds: {kind} {count} in {times['replay']['median']:.2f} s")
         fit = linear_fit([r["nonzero_seeds"] for r in rows], [r["replay_s"]["median"] for r in rows])
         out[kind] = {"points": rows, **fit}
     return out
@@ -217,6 +224,7 @@ def server_sweep(clients: list[int], krum_max: int, reps: int) -> dict[str, Any]
         for aggregator in available_aggregators():
             points = [n for n in clients if aggregator not in QUADRATIC or n <= krum_max]
             rows = [server_round_times(aggregator, n, reps, Path(tmp) / f"{aggregator}-{n}") for n in points]
+            progress(f"server: {aggregator} up to {points[-1]} clients")
             xs = [math.log(r["clients"]) for r in rows if r["clients"] >= 100]
             ys = [math.log(r["total"]["median"]) for r in rows if r["clients"] >= 100]
             exponent = float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 2 else float("nan")
@@ -332,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, build in models:
         model = build()
         params.append(params_point(name, model, args.params_seeds, reps))
+        progress(f"params: {name} done")
         del model
     counts = (
         {"rademacher": [32, 64, 128, 256], "gaussian": [8, 16, 32]}

@@ -314,17 +314,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small models, fewer seeds and clients")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for scaling.json and scaling.png")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
-    parser.add_argument("--params-seeds", type=int, default=16, help="non-zero seeds of the params replays")
-    parser.add_argument("--krum-max-clients", type=int, default=None)
-    args = parser.parse_args(argv)
-    quick = args.quick
-    reps = args.reps or (1 if quick else 3)
-
+def measure_models(quick: bool, reps: int, params_seeds: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The sections that need models: cost against model size, and replay against seeds."""
     slice_model = load_causal_lm("smollm2-135m", num_layers=2)
     models: list[tuple[str, Callable[[], PreTrainedModel]]] = [
         ("smollm2-135m 2-layer slice", lambda: slice_model)
@@ -339,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = []
     for name, build in models:
         model = build()
-        params.append(params_point(name, model, args.params_seeds, reps))
+        params.append(params_point(name, model, params_seeds, reps))
         progress(f"params: {name} done")
         del model
     counts = (
@@ -350,9 +341,42 @@ def main(argv: Sequence[str] | None = None) -> None:
             "gaussian": [32, 64, 128, 256, 512, 1024],
         }
     )
-    seeds = seeds_sweep(slice_model, counts, 1 if quick else min(reps, 2))
+    return params, seeds_sweep(slice_model, counts, 1 if quick else min(reps, 2))
+
+
+def model_sections(path: str, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The params and seeds sections of an earlier run with the same ``--quick``."""
+    earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    if earlier.get("benchmark") != "scaling" or earlier.get("quick") != quick:
+        raise SystemExit(
+            f"{path} is not a scaling.json of a run with quick={quick}; run without --reuse-models"
+        )
+    progress(f"params and seeds reused from {path}")
+    return list(earlier["params"]), dict(earlier["seeds"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small models, fewer seeds and clients")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for scaling.json and scaling.png")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3, quick 1)")
+    parser.add_argument("--params-seeds", type=int, default=16, help="non-zero seeds of the params replays")
+    parser.add_argument("--krum-max-clients", type=int, default=None)
+    parser.add_argument(
+        "--reuse-models",
+        metavar="JSON",
+        default=None,
+        help="take the params and seeds sections from an earlier scaling.json (same --quick); rerun the rest",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    reps = args.reps or (1 if quick else 3)
+    if args.reuse_models:
+        params, seeds = model_sections(args.reuse_models, quick)
+    else:
+        params, seeds = measure_models(quick, reps, args.params_seeds)
     clients = [10, 100, 1000] if quick else [10, 100, 1000, 3000, 10_000]
-    krum_max = args.krum_max_clients or (100 if quick else 1000)
+    krum_max = args.krum_max_clients or (100 if quick else 3000)
     server = server_sweep(clients, krum_max, reps)
     memory = memory_over_rounds(100 if quick else 300, 10 if quick else 25)
     largest = max(clients)
@@ -364,10 +388,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "params": params,
         "seeds": seeds,
+        "models_reused_from": args.reuse_models,
         "server": server,
         "memory": memory,
         "targets_met": {
-            "replay_linear_in_seeds(r2>=0.98)": all(seeds[k]["r2"] >= 0.98 for k in counts),
+            "replay_linear_in_seeds(r2>=0.98)": all(seeds[k]["r2"] >= 0.98 for k in KINDS),
             f"server_{largest}_clients<2s(weighted,clipped mean)": all(
                 server[r]["points"][-1]["clients"] == largest
                 and server[r]["points"][-1]["total"]["median"] < 2.0

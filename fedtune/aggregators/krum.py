@@ -35,17 +35,41 @@ def krum_scores(batch: UpdateBatch, num_byzantine: int) -> Float64Array:
             f"Krum needs n > 2f + 2 updates, got n={n} with f={f} (aggregator.options.num-byzantine); "
             f"sample at least {2 * f + 3} clients per round or lower num-byzantine"
         )
-    dist = np.zeros((n, n), dtype=np.float64)
-    for name in batch.names:
-        flat = batch.flat(name)
-        for i in range(n):
-            diff = flat - flat[i]
-            dist[i] += np.einsum("ij,ij->i", diff, diff)
-    scores = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        others = np.delete(dist[i], i)
-        scores[i] = np.sort(others)[: n - f - 2].sum()
+    # Pairwise distances from one Gram matrix (BLAS): O(n^2 d) in a few matmuls, not n passes of
+    # (n, d) differences (1,000 clients at K = 4096: 16.8 s before). Its rounding can only reorder
+    # scores closer than ``bound``; those are recomputed exactly, so the ranking is the exact one.
+    # Distances do not change under a common shift; centring keeps the Gram matrix from cancelling.
+    flats = [batch.flat(name) for name in batch.names]
+    gram = np.zeros((n, n), dtype=np.float64)
+    for flat in flats:
+        centred = flat - flat.mean(axis=0)
+        gram += centred @ centred.T
+    size = sum(flat.shape[1] for flat in flats)
+    sq = np.diag(gram).copy()
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    np.fill_diagonal(dist, 0.0)
+    keep = n - f - 2
+    scores = np.array([_score(dist[i], i, keep) for i in range(n)])
+    bound = 2.0 * keep * (4 * size + 16) * np.finfo(np.float64).eps * float(sq.max(initial=0.0))
+    order = np.argsort(scores, kind="stable")
+    close = np.flatnonzero(np.diff(scores[order]) <= bound)
+    for i in {int(order[j]) for j in close} | {int(order[j + 1]) for j in close}:
+        scores[i] = _score(_exact_row(flats, i), i, keep)
     return scores
+
+
+def _score(row: Float64Array, i: int, keep: int) -> float:
+    """Sum of the ``keep`` smallest squared distances from update ``i`` to the others."""
+    return float(np.sort(np.delete(row, i))[:keep].sum())
+
+
+def _exact_row(flats: Sequence[Float64Array], i: int) -> Float64Array:
+    """Squared distances from update ``i`` to every update, from explicit differences."""
+    row = np.zeros(flats[0].shape[0], dtype=np.float64)
+    for flat in flats:
+        diff = flat - flat[i]
+        row += np.einsum("ij,ij->i", diff, diff)
+    return row
 
 
 def krum_ranking(batch: UpdateBatch, num_byzantine: int) -> list[int]:

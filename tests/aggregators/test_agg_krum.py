@@ -24,7 +24,8 @@ def test_krum_scores_by_hand() -> None:
     # f = 1, n = 5 -> each score sums the 2 smallest squared distances to the others.
     batch = UpdateBatch(_updates([0.0, 1.0, 3.0, 4.0, 100.0]), aggregator="krum", server_round=1)
     by_node = dict(zip(batch.node_ids, krum_scores(batch, 1), strict=True))
-    assert by_node == {50: 10.0, 20: 5.0, 30: 5.0, 40: 10.0, 10: 96.0**2 + 97.0**2}
+    # Scores come from a Gram matrix: exact to float64 rounding; the ranking is exact (test below).
+    assert by_node == pytest.approx({50: 10.0, 20: 5.0, 30: 5.0, 40: 10.0, 10: 96.0**2 + 97.0**2}, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +92,27 @@ def test_krum_options_are_validated(bad: object) -> None:
         Krum(num_byzantine=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="krum_select"):
         MultiKrum(krum_select=bad)  # type: ignore[arg-type]
+
+
+def _exact_scores(vectors: np.ndarray, f: int) -> np.ndarray:
+    """Krum from explicit differences, the definition the Gram-matrix path must reproduce."""
+    n = len(vectors)
+    diffs = vectors[:, None, :].astype(np.float64) - vectors[None, :, :].astype(np.float64)
+    dist = np.einsum("ijk,ijk->ij", diffs, diffs)
+    return np.array([np.sort(np.delete(dist[i], i))[: n - f - 2].sum() for i in range(n)])
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])  # a large common offset makes the Gram path cancel
+def test_gram_scores_rank_like_exact_differences_with_ties(offset: float) -> None:
+    rng = np.random.Generator(np.random.PCG64(3))
+    vectors = (offset + rng.normal(size=(30, 257))).astype(np.float32)
+    vectors[7] = vectors[3]  # exact duplicates tie exactly; ties go to the lower node id
+    vectors[20] = vectors[3]
+    vectors[11] = vectors[12] + np.float32(1e-3)  # nearly tied
+    updates = [ClientUpdate(node_id=100 - i, num_examples=1, arrays={"x": v}) for i, v in enumerate(vectors)]
+    batch = UpdateBatch(updates, aggregator="krum", server_round=1)
+    ordered = np.stack([u.arrays["x"] for u in batch.updates])
+    exact = _exact_scores(ordered, 2)
+    ours = krum_scores(batch, 2)
+    np.testing.assert_allclose(ours, exact, rtol=1e-9)
+    assert list(np.argsort(ours, kind="stable")) == list(np.argsort(exact, kind="stable"))

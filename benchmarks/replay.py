@@ -41,7 +41,11 @@ def split_tensors(numels: Sequence[int], threads: int) -> list[list[int]]:
 
 
 def naive_replay(
-    tuned: TunedParameters, perturbation: Perturbation, dense: np.ndarray, pool: ThreadPoolExecutor
+    tuned: TunedParameters,
+    perturbation: Perturbation,
+    dense: np.ndarray,
+    pool: ThreadPoolExecutor,
+    threads: int,
 ) -> None:
     """Seed by seed, tensor by tensor: regenerate z and ``add_`` it, the tensors split over the pool."""
     seeds = [(int(s), float(dense[s])) for s in np.flatnonzero(dense)]
@@ -52,7 +56,7 @@ def naive_replay(
                 for position in positions:
                     tuned.tensors[position].add_(perturbation.materialize(seed, position), alpha=value)
 
-    parts = split_tensors(perturbation.numels, pool._max_workers)
+    parts = split_tensors(perturbation.numels, threads)
     for future in [pool.submit(work, part) for part in parts]:
         future.result()
 
@@ -99,7 +103,7 @@ def main() -> None:
         perturbation = Perturbation(kind=kind, run_seed=0, shapes=tuned.shapes)  # type: ignore[arg-type]
         warm = coefficients(8, 1)
         replay(tuned, perturbation, warm, threads=args.threads)
-        naive_replay(tuned, perturbation, warm, pool)
+        naive_replay(tuned, perturbation, warm, pool, args.threads)
         reset()
         for k in (256, 512) if args.quick else (1024, 4096):
             dense = coefficients(k, max(1, int(k * args.nonzero_fraction)))
@@ -110,7 +114,7 @@ def main() -> None:
 
             def run_naive(dense: np.ndarray = dense, pert: Perturbation = perturbation) -> None:
                 reset()
-                naive_replay(tuned, pert, dense, pool)
+                naive_replay(tuned, pert, dense, pool, args.threads)
 
             # Both jobs pay the same reset (one copy of the weights); the comparison is untimed.
             jobs = {"replay": run_replay, "naive": run_naive, "axpy_pass": axpy_pass}

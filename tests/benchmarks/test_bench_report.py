@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,17 +33,22 @@ def test_table_shows_nan_as_na(bench: object) -> None:
     assert table.splitlines()[-1] == "| fedkseed | 1.2500 | n/a | 16,614 | 1577 | n/a |"
 
 
-@pytest.mark.slow
-def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
+def _run_report(argv: list[str], out: Path) -> Any:
+    """report.py as a user runs it; its last stdout line parsed as the JSON result."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "report.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(BENCH / "report.py"), *argv, "--out", str(out)],
         capture_output=True,
         text=True,
         check=False,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_quick_report_runs_from_the_command_line(tmp_path: Path) -> None:
+    result = _run_report(["--quick"], tmp_path)
     rows = result["rows"]
     names = [
         "untuned",
@@ -124,15 +130,7 @@ def test_table_has_zero_shot_columns_only_with_held_out_groups(bench: object) ->
 def test_quick_qa_report_carries_zero_shot_metrics(tmp_path: Path) -> None:
     groups = "psychology,science,movies,history"
     argv = ["--quick", "--task", "qa", "--heldout-groups", groups, "--methods", "fedkseed,lora-fedavg"]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "report.py"), *argv, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_report(argv, tmp_path)
     assert list(result["rows"]) == ["fedkseed", "lora-fedavg"]
     assert result["config"]["data.heldout-groups"] == groups
     for row in result["rows"].values():

@@ -27,12 +27,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from fedtune.aggregators.base import StateValue
-from fedtune.algorithms.rounds import under_prefix, with_prefix
 from fedtune.config import RunConfig
 from fedtune.data.batch import TokenBatch
 from fedtune.data.node import NodeData
-from fedtune.privacy.accountant import PrivacyLedger
 from fedtune.privacy.dp_sgd import DPSGDSettings, poisson_sample
 from fedtune.privacy.noise import SecureGaussian
 from fedtune.privacy.plan import (
@@ -55,7 +52,6 @@ __all__ = [
     "private_client_update",
 ]
 AdapterArrays = dict[str, npt.NDArray[np.float32]]
-_STATE_PREFIX = "dp"
 
 
 def expected_batch_size(cfg: RunConfig, num_examples: int) -> int:
@@ -183,19 +179,3 @@ class LoRAServerPrivacy(ServerLedger):
         if std is None:
             return None
         return {k: self.noise.normal(math.prod(s), std).reshape(s) for k, s in shapes.items()}
-
-    def state_dict(self) -> dict[str, StateValue]:
-        return with_prefix(_STATE_PREFIX, dict(self.ledger.state_dict()))
-
-    def ledger_from_state(self, state: Mapping[str, StateValue]) -> PrivacyLedger:
-        """The ledger a checkpoint holds (not yet installed: the caller assigns it once every other
-        part of its state has validated); ValueError on a missing or foreign one."""
-        sub = under_prefix(_STATE_PREFIX, state)
-        if not sub:
-            raise ValueError(
-                "the checkpoint has no privacy ledger, but this run has privacy on; resume with the "
-                "privacy config the run was started with"
-            )
-        ledger = self.new_ledger()
-        ledger.load_state_dict(sub)
-        return ledger

@@ -15,12 +15,14 @@ import math
 from collections.abc import Mapping
 
 from fedtune.config import PrivacySection, RunConfig
-from fedtune.privacy.accountant import PrivacyLedger, noise_multiplier_for
+from fedtune.privacy.accountant import PrivacyLedger, StateValue, noise_multiplier_for
 from fedtune.privacy.noise import SecureGaussian
 from fedtune.wire.dp_report import DPFigures
 
 #: The accounting unit of client-level DP (sample-level units are client ids, all >= 0).
 CLIENT_LEVEL_UNIT = -1
+#: Where a server's checkpoint holds its ledger.
+STATE_PREFIX = "dp"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -138,3 +140,21 @@ class ServerLedger:
 
     def metrics(self) -> dict[str, float]:
         return self.ledger.report(self.cfg.privacy.delta)
+
+    def state_dict(self) -> dict[str, StateValue]:
+        """The ledger under ``dp.`` keys, to sit in the server's checkpoint."""
+        return {f"{STATE_PREFIX}.{k}": v for k, v in self.ledger.state_dict().items()}
+
+    def ledger_from_state(self, state: Mapping[str, StateValue]) -> PrivacyLedger:
+        """The ledger a checkpoint holds (not yet installed: the caller assigns it once every other
+        part of its state has validated); ValueError on a missing or foreign one."""
+        head = f"{STATE_PREFIX}."
+        sub = {k.removeprefix(head): v for k, v in state.items() if k.startswith(head)}
+        if not sub:
+            raise ValueError(
+                "the checkpoint has no privacy ledger, but this run has privacy on; resume with the "
+                "privacy config the run was started with"
+            )
+        ledger = self.new_ledger()
+        ledger.load_state_dict(sub)
+        return ledger

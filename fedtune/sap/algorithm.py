@@ -6,19 +6,26 @@ options in ``[algorithm.options]`` (see :class:`~fedtune.sap.options.SAPOptions`
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import ClassVar
 
 from fedtune.aggregators.base import Aggregator
 from fedtune.algorithms.base import Algorithm
 from fedtune.algorithms.registry import register_algorithm
 from fedtune.config import RunConfig
 from fedtune.sap.client import SAPNode
+from fedtune.sap.dp import check_sap_privacy
 from fedtune.sap.options import SAPOptions
 from fedtune.sap.server import SAPServer
 
 
 @register_algorithm("sap")
 class SplitAndPrivatize(Algorithm):
-    """Clients run the frozen bottom and privatize; the server trains the trunk's LoRA over gRPC."""
+    """Clients run the frozen bottom and privatize; the server trains the trunk's LoRA over gRPC.
+
+    ``privacy.mechanism = "sample"`` adds label DP to the U-shaped classifier (:mod:`fedtune.sap.dp`).
+    """
+
+    privacy_mechanisms: ClassVar[tuple[str, ...]] = ("sample",)
 
     def __init__(
         self,
@@ -50,23 +57,11 @@ class SplitAndPrivatize(Algorithm):
         step_timeout_s: float = 300.0,
     ) -> None:
         super().__init__(cfg)
-        if cfg.privacy.enabled:
-            # What leaves a SAP client is the privatized embeddings (d_chi-privacy on each token's
-            # vector, SAPOptions.eta: metric DP, not (epsilon, delta)) and, U-shaped, the head's weights
-            # and each batch's dLoss/d(trunk output) sent up to the server. DP-SGD on the client head
-            # would not bound the latter, which depend on every example's label unclipped.
-            raise ValueError(
-                f"privacy.mechanism = {cfg.privacy.mechanism!r} is not available for run.algorithm = 'sap': "
-                "SAP's privacy is its d_chi privatizer ([algorithm.options] privatize = true, eta), a "
-                "metric-DP guarantee per token embedding, not an (epsilon, delta) accountant's. "
-                "(epsilon, delta)-DP for SAP would need per-example clipping and noising of everything "
-                "sent up (the embeddings and, U-shaped, the gradients at the cut and the head), which "
-                "is not implemented; set privacy.mechanism = 'none'"
-            )
         # The signature above is what the registry checks [algorithm.options] against; its
         # parameters are exactly SAPOptions' fields, which validate them.
         given = locals()
         self.options = SAPOptions(**{f.name: given[f.name] for f in fields(SAPOptions)})
+        check_sap_privacy(cfg, self.options)
 
     def server(self, aggregator: Aggregator) -> SAPServer:
         return SAPServer(self.cfg, self.options, aggregator)

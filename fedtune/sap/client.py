@@ -8,9 +8,11 @@ only where to connect and the stream's token; the steps never touch Flower.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -25,12 +27,14 @@ from fedtune.sap.batches import SplitExamples
 from fedtune.sap.channel_client import SplitChannelClient
 from fedtune.sap.codec import SplitReplyPayload, SplitRoundPayload, decode_split_round, encode_split_reply
 from fedtune.sap.cti import ContributingTokens
+from fedtune.sap.dp import LabelDPHead, label_dp_figures
 from fedtune.sap.encode import ClientEncoder
 from fedtune.sap.options import SAPOptions
 from fedtune.sap.privatizer import DChiPrivatizer
 from fedtune.sap.split import Bottom, ClassifierHead, LMHead, build_bottom
 from fedtune.sap.tensors import from_tensor, to_tensor
 from fedtune.wire.codec import PayloadError
+from fedtune.wire.dp_report import DPFigures
 from fedtune.wire.errors import ErrorCode
 
 
@@ -64,6 +68,16 @@ def fit_cti(
     )
 
 
+@contextlib.contextmanager
+def _closing(private: LabelDPHead | None) -> Iterator[None]:
+    """Removes opacus' hooks from the head however the round ends."""
+    try:
+        yield
+    finally:
+        if private is not None:
+            private.close()
+
+
 def _mask(batch_mask: torch.Tensor) -> pb.Tensor:
     return to_tensor(batch_mask.numpy().astype("|u1"))
 
@@ -93,10 +107,16 @@ class SAPNode(ClientAlgorithm):
             )
         except ValueError as exc:
             raise ClientError(ErrorCode.BAD_NODE_CONFIG, str(exc)) from exc
+        figures = self._dp_figures(rnd, len(examples), node)
         privatizer = DChiPrivatizer(opts.eta) if opts.privatize else None
         cti = fit_cti(examples, tokenizer, bottom.embedding_matrix.shape[0], opts) if opts.cti else None
         encoder = ClientEncoder(bottom, privatizer, cti, text=opts.variant == "text")
         head, head_opt = self._head(rnd, lm_head)
+        private = None
+        if figures is not None:
+            if not isinstance(head, ClassifierHead) or head_opt is None:  # the config check refuses it
+                raise ClientError(ErrorCode.BAD_NODE_CONFIG, "label DP needs the U-shaped classifier head")
+            private = LabelDPHead(head, head_opt, figures, batch_size=min(rnd.batch_size, len(examples)))
         next_batch = examples.stream(
             rnd.batch_size,
             key=(cfg.run.seed, rnd.server_round, node.partition_id),
@@ -106,13 +126,16 @@ class SAPNode(ClientAlgorithm):
         times: list[float] = []
         noised: list[tuple[int, float, float]] = []
         root = rnd.root_certificates or None
-        with SplitChannelClient(
-            rnd.address,
-            stream_id=rnd.stream_id,
-            token=rnd.token,
-            root_certificates=root,
-            timeout_s=opts.step_timeout_s,
-        ) as channel:
+        with (
+            _closing(private),
+            SplitChannelClient(
+                rnd.address,
+                stream_id=rnd.stream_id,
+                token=rnd.token,
+                root_certificates=root,
+                timeout_s=opts.step_timeout_s,
+            ) as channel,
+        ):
             for step in range(rnd.steps):
                 batch = next_batch()
                 enc = encoder(batch, labelled=True)
@@ -129,7 +152,7 @@ class SAPNode(ClientAlgorithm):
                     request.labels.CopyFrom(to_tensor(batch.targets.numpy().astype("<i8")))
                     losses.append(float(channel.step(request).loss))
                 else:
-                    losses.append(self._u_step(channel, request, head, head_opt, batch.targets))
+                    losses.append(self._u_step(channel, request, head, head_opt, batch.targets, private))
                 times.append((time.perf_counter() - t0) * 1000.0)
             up, down = channel.bytes_sent, channel.bytes_received
         tokens = sum(n for n, _, _ in noised)
@@ -146,8 +169,28 @@ class SAPNode(ClientAlgorithm):
                 noise_norm=sum(n * b for n, _, b in noised) / max(1, tokens),
                 peak_memory_mb=peak_rss_mb(),
                 head=head.arrays() if isinstance(head, ClassifierHead) else {},
+                dp=figures,
             )
         )
+
+    def _dp_figures(self, rnd: SplitRoundPayload, num_examples: int, node: NodeContext) -> DPFigures | None:
+        """This round's label-DP figures; the round must be the one the config accounts for."""
+        figures = label_dp_figures(self.cfg, self.opts, num_examples=num_examples)
+        if figures is None:
+            return None
+        if (rnd.steps, rnd.batch_size) != (self.opts.local_steps, self.opts.batch_size):
+            # A server asking for more or larger steps would spend privacy the accountant never saw.
+            raise ClientError(
+                ErrorCode.BAD_PAYLOAD,
+                f"the round asks for {rnd.steps} steps of {rnd.batch_size}, but this node's privacy "
+                f"is accounted for {self.opts.local_steps} of {self.opts.batch_size}",
+            )
+        if node.data.sampling != "shuffle":
+            raise ClientError(
+                ErrorCode.BAD_NODE_CONFIG,
+                f"label DP needs data.sampling = 'shuffle' on the node, not {node.data.sampling!r}",
+            )
+        return figures
 
     def _head(
         self, rnd: SplitRoundPayload, lm_head: LMHead | None
@@ -175,11 +218,17 @@ class SAPNode(ClientAlgorithm):
         head: ClassifierHead | LMHead,
         head_opt: torch.optim.Optimizer | None,
         targets: torch.Tensor,
+        private: LabelDPHead | None,
     ) -> float:
-        """U-shaped: trunk output down, loss and head step here, dLoss/d(output) up; labels stay."""
+        """U-shaped: trunk output down, loss and head step here, dLoss/d(output) up; labels stay.
+        Under label DP the rows sent up are clipped and noised (:mod:`fedtune.sap.dp`)."""
         reply = channel.step(request)
         out = from_tensor(reply.trunk_output, name="trunk_output", dtypes=("<f4",), ndim=None)
         feats = torch.from_numpy(out.astype(np.float32)).requires_grad_(True)
+        if private is not None:
+            loss_value, rows = private.step(feats, targets)
+            self._send_up(channel, request, rows)
+            return loss_value
         if head_opt is not None:
             head_opt.zero_grad(set_to_none=True)
         loss = head.loss(feats, targets)
@@ -188,11 +237,15 @@ class SAPNode(ClientAlgorithm):
             head_opt.step()
         if feats.grad is None:
             raise RuntimeError("no gradient reached the trunk output")
+        self._send_up(channel, request, feats.grad)
+        return float(loss.detach())
+
+    @staticmethod
+    def _send_up(channel: SplitChannelClient, request: pb.StepRequest, grad: torch.Tensor) -> None:
         back = pb.StepRequest(
             stream_id=request.stream_id,
             step=request.step,
             kind=pb.STEP_KIND_BACKWARD,
-            upstream_grad=to_tensor(feats.grad.numpy().astype("<f4")),
+            upstream_grad=to_tensor(grad.detach().numpy().astype("<f4")),
         )
         channel.step(back)
-        return float(loss.detach())

@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar
 from fedtune._proto.v1 import sap_pb2 as pb
 from fedtune.wire._validate import UINT64_MAX, FloatArray, check_ascii_text, check_finite_float, check_uint
 from fedtune.wire.codec import PayloadError, _parse
+from fedtune.wire.dp_report import DPFigures
 from fedtune.wire.lora_codec import arrays_equal, check_arrays, pack_arrays, unpack_arrays
 
 SAP_SCHEMA_VERSION: Final = 1
@@ -80,7 +81,8 @@ class SplitRoundPayload:
 
 @dataclass(frozen=True, eq=False)
 class SplitReplyPayload:
-    """Client -> server: the round's step count, mean loss, measured traffic, noise, and head."""
+    """Client -> server: the round's step count, mean loss, measured traffic, noise, and head;
+    ``dp``: the label-DP figures of a private U-shaped run (:mod:`fedtune.sap.dp`), else None."""
 
     server_round: int
     steps_done: int
@@ -93,9 +95,12 @@ class SplitReplyPayload:
     noise_norm: float
     peak_memory_mb: float
     head: Mapping[str, FloatArray] = field(default_factory=dict)
+    dp: DPFigures | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        if self.dp is not None and not isinstance(self.dp, DPFigures):
+            raise ValueError(f"dp must be DPFigures or None, got {type(self.dp).__name__}")
         set_(self, "server_round", check_uint("server_round", self.server_round))
         set_(self, "steps_done", check_uint("steps_done", self.steps_done, maximum=MAX_STEPS))
         set_(
@@ -122,6 +127,9 @@ class SplitReplyPayload:
 Payload = SplitRoundPayload | SplitReplyPayload
 
 
+_OWN_CODING = frozenset({"head", "dp"})  # encoded apart from the scalar fields
+
+
 def _equal(a: Payload, b: Payload) -> bool:
     scalars = [f.name for f in fields(a) if f.name != "head"]
     return all(getattr(a, k) == getattr(b, k) for k in scalars) and arrays_equal(a.head, b.head)
@@ -129,19 +137,24 @@ def _equal(a: Payload, b: Payload) -> bool:
 
 # The payload dataclasses name their fields as the messages do, so one mapping serves both.
 def _encode(p: Payload, message: type[pb.SplitRound] | type[pb.SplitReply]) -> bytes:
-    values: dict[str, Any] = {f.name: getattr(p, f.name) for f in fields(p) if f.name != "head"}
+    values: dict[str, Any] = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in _OWN_CODING}
     if "class_names" in values:
         values["class_names"] = list(values["class_names"])
+    if isinstance(p, SplitReplyPayload) and p.dp is not None:
+        values["dp"] = p.dp.to_pb()
     return message(schema_version=SAP_SCHEMA_VERSION, head=pack_arrays(p.head), **values).SerializeToString()
 
 
 def _decode(b: bytes, message: pb.SplitRound | pb.SplitReply, payload: type[P]) -> P:
     msg = _parse(b, message, supported=_SUPPORTED)
     what = type(message).__name__
-    values: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(payload) if f.name != "head"}
+    names = {f.name for f in fields(payload)}
+    values: dict[str, Any] = {n: getattr(msg, n) for n in names - _OWN_CODING}
     if "class_names" in values:
         values["class_names"] = tuple(values["class_names"])
     try:
+        if isinstance(msg, pb.SplitReply):
+            values["dp"] = DPFigures.from_pb(msg.dp) if msg.HasField("dp") else None
         return payload(**values, head=unpack_arrays(msg.head, what))
     except ValueError as exc:
         raise PayloadError(f"invalid {what}: {exc}") from exc

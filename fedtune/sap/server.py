@@ -33,6 +33,7 @@ from fedtune.runlog import MetricValue
 from fedtune.sap.batches import SplitExamples
 from fedtune.sap.channel import ServerTLS, SplitChannelServer
 from fedtune.sap.codec import SplitReplyPayload, SplitRoundPayload, decode_split_reply, encode_split_round
+from fedtune.sap.dp import SAPServerPrivacy
 from fedtune.sap.encode import ClientEncoder
 from fedtune.sap.options import SAPOptions
 from fedtune.sap.privatizer import DChiPrivatizer
@@ -40,6 +41,7 @@ from fedtune.sap.service import ModelShape, SplitService, StreamSession
 from fedtune.sap.split import ClassifierHead, build_split
 from fedtune.sap.trunk import SHARED, TrunkTrainer, add_trunk_lora
 from fedtune.wire.codec import PayloadError
+from fedtune.wire.dp_report import DPFigures
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -108,6 +110,7 @@ class SAPServer(ServerAlgorithm):
         self.address = ""
         self.completed_round = 0
         self._sent: tuple[int, set[int]] = (0, set())
+        self.privacy = SAPServerPrivacy(cfg, opts) if cfg.privacy.enabled else None
         self._tokenizer = load_tokenizer(cfg.model.name)
 
     deterministic_payloads = False  # every round issues fresh stream ids and tokens
@@ -120,6 +123,8 @@ class SAPServer(ServerAlgorithm):
         o = self.opts
         noise = f"eta {o.eta:g}{' with CTI' if o.cti else ''}" if o.privatize else "no privatization"
         shape = "U-shaped" if o.u_shaped else "standard"
+        if self.privacy is not None:
+            noise += f", label DP (sigma from the config, clip {self.cfg.privacy.clip:g})"
         return (
             f"split-and-privatize LoRA: {o.task} split at depth {o.depth} ({shape}, {o.variant} variant, "
             f"{noise}), {o.adapters} trunk adapter(s), {len(self.trainer.params)} trainable tensors"
@@ -188,6 +193,12 @@ class SAPServer(ServerAlgorithm):
             return "no stream was opened for this node this round"
         if reply.steps_done != session.steps_done:
             return f"reply claims {reply.steps_done} steps, the server ran {session.steps_done} on its stream"
+        if self.privacy is not None:
+            problem = self.privacy.check(reply.dp, reply.num_examples)
+            if problem:
+                return problem
+        elif reply.dp is not None:
+            return "the reply carries DP figures, but this run has privacy off"
         if set(reply.head) != set(self.client_head):
             return (
                 f"head arrays {sorted(reply.head)} differ from the global head's {sorted(self.client_head)}"
@@ -206,6 +217,7 @@ class SAPServer(ServerAlgorithm):
         sent_round, sent = self._sent
         book = RoundBook(server_round, expected=sent if sent_round == server_round else set())
         accepted: list[SplitReplyPayload] = []
+        released: dict[int, DPFigures] = {}
         for r in replies:
             payload = book.admit(r)
             if payload is None:
@@ -219,6 +231,8 @@ class SAPServer(ServerAlgorithm):
             if problem:
                 book.reject(r.node_id, problem)
                 continue
+            if res.dp is not None:
+                released[r.node_id] = res.dp
             deltas = {k: (res.head[k] - ref).astype(np.float32) for k, ref in self.client_head.items()}
             if not deltas:  # nothing to aggregate: the book keeps the step count (never averaged)
                 deltas = {"steps_done": np.array([res.steps_done], np.float32)}
@@ -231,6 +245,9 @@ class SAPServer(ServerAlgorithm):
         metrics = dict(book.metrics())
         metrics.update(self._channel_metrics(accepted))
         metrics["trunk_steps"] = sum(s.steps_done for s in sessions.values())
+        if self.privacy is not None:  # released is released, whether or not the round applies
+            self.privacy.record(released)
+            metrics.update(self.privacy.metrics())
         note = self._apply(book, min_replies)
         if note:
             self.trainer.rollback_round()
@@ -357,6 +374,8 @@ class SAPServer(ServerAlgorithm):
         state.update(with_prefix("trunk", self.trainer.state_dict()))
         state.update(with_prefix("head", {k: v.copy() for k, v in self.client_head.items()}))
         state.update(with_prefix("agg", self.aggregator.state_dict()))
+        if self.privacy is not None:
+            state.update(self.privacy.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -370,7 +389,10 @@ class SAPServer(ServerAlgorithm):
             if arr.shape != ref.shape or not np.isfinite(arr).all():
                 raise ValueError(f"checkpoint head {name} has shape {arr.shape} or non-finite values")
             head[name] = arr.copy()
+        ledger = None if self.privacy is None else self.privacy.ledger_from_state(state)
         self.trainer.load_state_dict(under_prefix("trunk", state))
         self.aggregator.load_state_dict(under_prefix("agg", state))
         self.client_head = head
+        if self.privacy is not None and ledger is not None:
+            self.privacy.ledger = ledger
         self.completed_round = int(state["completed_round"])  # type: ignore[arg-type]

@@ -23,17 +23,18 @@ _sym_db = _symbol_database.Default()
 
 
 from fedtune._proto.v1 import lora_pb2 as fedtune_dot___proto_dot_v1_dot_lora__pb2
+from fedtune._proto.v1 import privacy_pb2 as fedtune_dot___proto_dot_v1_dot_privacy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/_proto/v1/sap.proto\x12\nfedtune.v1\x1a\x1c\x66\x65\x64tune/_proto/v1/lora.proto\"\xe6\x01\n\nSplitRound\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x19\n\x11root_certificates\x18\t \x01(\x0c\x12$\n\x04head\x18\n \x03(\x0b\x32\x16.fedtune.v1.NamedArray\"\xa8\x02\n\nSplitReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x12\n\nsteps_done\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\x12\x19\n\x11\x62ytes_up_per_step\x18\x06 \x01(\x01\x12\x1b\n\x13\x62ytes_down_per_step\x18\x07 \x01(\x01\x12\x0f\n\x07step_ms\x18\x08 \x01(\x01\x12\x13\n\x0bnoised_norm\x18\t \x01(\x01\x12\x12\n\nnoise_norm\x18\n \x01(\x01\x12\x16\n\x0epeak_memory_mb\x18\x0b \x01(\x02\x12$\n\x04head\x18\x0c \x03(\x0b\x32\x16.fedtune.v1.NamedArrayb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/_proto/v1/sap.proto\x12\nfedtune.v1\x1a\x1c\x66\x65\x64tune/_proto/v1/lora.proto\x1a\x1f\x66\x65\x64tune/_proto/v1/privacy.proto\"\xe6\x01\n\nSplitRound\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x19\n\x11root_certificates\x18\t \x01(\x0c\x12$\n\x04head\x18\n \x03(\x0b\x32\x16.fedtune.v1.NamedArray\"\xca\x02\n\nSplitReply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x14\n\x0cserver_round\x18\x02 \x01(\r\x12\x12\n\nsteps_done\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\x12\x19\n\x11\x62ytes_up_per_step\x18\x06 \x01(\x01\x12\x1b\n\x13\x62ytes_down_per_step\x18\x07 \x01(\x01\x12\x0f\n\x07step_ms\x18\x08 \x01(\x01\x12\x13\n\x0bnoised_norm\x18\t \x01(\x01\x12\x12\n\nnoise_norm\x18\n \x01(\x01\x12\x16\n\x0epeak_memory_mb\x18\x0b \x01(\x02\x12$\n\x04head\x18\x0c \x03(\x0b\x32\x16.fedtune.v1.NamedArray\x12 \n\x02\x64p\x18\r \x01(\x0b\x32\x14.fedtune.v1.DPReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune._proto.v1.sap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPLITROUND']._serialized_start=74
-  _globals['_SPLITROUND']._serialized_end=304
-  _globals['_SPLITREPLY']._serialized_start=307
-  _globals['_SPLITREPLY']._serialized_end=603
+  _globals['_SPLITROUND']._serialized_start=107
+  _globals['_SPLITROUND']._serialized_end=337
+  _globals['_SPLITREPLY']._serialized_start=340
+  _globals['_SPLITREPLY']._serialized_end=670
 # @@protoc_insertion_point(module_scope)

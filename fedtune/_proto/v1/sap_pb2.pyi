@@ -1,4 +1,5 @@
 from fedtune._proto.v1 import lora_pb2 as _lora_pb2
+from fedtune._proto.v1 import privacy_pb2 as _privacy_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -32,7 +33,7 @@ class SplitRound(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., address: _Optional[str] = ..., stream_id: _Optional[str] = ..., token: _Optional[str] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., root_certificates: _Optional[bytes] = ..., head: _Optional[_Iterable[_Union[_lora_pb2.NamedArray, _Mapping]]] = ...) -> None: ...
 
 class SplitReply(_message.Message):
-    __slots__ = ("schema_version", "server_round", "steps_done", "num_examples", "train_loss", "bytes_up_per_step", "bytes_down_per_step", "step_ms", "noised_norm", "noise_norm", "peak_memory_mb", "head")
+    __slots__ = ("schema_version", "server_round", "steps_done", "num_examples", "train_loss", "bytes_up_per_step", "bytes_down_per_step", "step_ms", "noised_norm", "noise_norm", "peak_memory_mb", "head", "dp")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +46,7 @@ class SplitReply(_message.Message):
     NOISE_NORM_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     server_round: int
     steps_done: int
@@ -57,4 +59,5 @@ class SplitReply(_message.Message):
     noise_norm: float
     peak_memory_mb: float
     head: _containers.RepeatedCompositeFieldContainer[_lora_pb2.NamedArray]
-    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., bytes_up_per_step: _Optional[float] = ..., bytes_down_per_step: _Optional[float] = ..., step_ms: _Optional[float] = ..., noised_norm: _Optional[float] = ..., noise_norm: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., head: _Optional[_Iterable[_Union[_lora_pb2.NamedArray, _Mapping]]] = ...) -> None: ...
+    dp: _privacy_pb2.DPReport
+    def __init__(self, schema_version: _Optional[int] = ..., server_round: _Optional[int] = ..., steps_done: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., bytes_up_per_step: _Optional[float] = ..., bytes_down_per_step: _Optional[float] = ..., step_ms: _Optional[float] = ..., noised_norm: _Optional[float] = ..., noise_norm: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., head: _Optional[_Iterable[_Union[_lora_pb2.NamedArray, _Mapping]]] = ..., dp: _Optional[_Union[_privacy_pb2.DPReport, _Mapping]] = ...) -> None: ...

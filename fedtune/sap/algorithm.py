@@ -55,6 +55,7 @@ class SplitAndPrivatize(Algorithm):
         tls_key: str = "",
         tls_ca: str = "",
         step_timeout_s: float = 300.0,
+        dp_cut_clip: float = 0.0,
     ) -> None:
         super().__init__(cfg)
         # The signature above is what the registry checks [algorithm.options] against; its

@@ -116,7 +116,13 @@ class SAPNode(ClientAlgorithm):
         if figures is not None:
             if not isinstance(head, ClassifierHead) or head_opt is None:  # the config check refuses it
                 raise ClientError(ErrorCode.BAD_NODE_CONFIG, "label DP needs the U-shaped classifier head")
-            private = LabelDPHead(head, head_opt, figures, batch_size=min(rnd.batch_size, len(examples)))
+            private = LabelDPHead(
+                head,
+                head_opt,
+                figures,
+                batch_size=min(rnd.batch_size, len(examples)),
+                cut_clip=opts.dp_cut_clip,
+            )
         next_batch = examples.stream(
             rnd.batch_size,
             key=(cfg.run.seed, rnd.server_round, node.partition_id),

@@ -6,16 +6,19 @@ dLoss_i/dh_i, sent up for the trunk's backward pass) and, at the end of the roun
 head. ``privacy.mechanism = "sample"`` makes both (epsilon, delta)-DP in every example's label
 (label DP; Ghazi et al., "Deep Learning with Label Differential Privacy", NeurIPS 2021):
 
-* per example i, the joint vector v_i = [head gradient of example i, cut row i] is clipped to L2
-  norm C = ``privacy.clip`` (opacus computes the head's per-sample gradients; the cut row is
-  example i's own, since the head mixes no examples);
+* per example i, the head gradient a_i and the cut row b_i are clipped together: both scaled by
+  min(1, 1 / ||[a_i / C, b_i / C_cut]||), with C = ``privacy.clip`` and C_cut =
+  ``algorithm.options.dp-cut-clip`` (default C). opacus computes the head's per-sample gradients;
+  the cut row is example i's own, since the head mixes no examples. The two bounds let the cut
+  rows, typically far smaller than the head's gradients, keep their signal instead of being
+  scaled down with them;
 * the head's clipped gradients are summed and get N(0, (sigma C)^2) per coordinate through
   opacus' ``DPOptimizer`` (:class:`~fedtune.privacy.dp_sgd.SecureDPOptimizer`, secure generator),
-  then AdamW steps; each clipped cut row gets its own N(0, (sigma C)^2) per coordinate before it
-  is sent. Everything the server sees of the labels is then one Gaussian mechanism per step on the
-  concatenation [sum of head gradients, row 1, ..., row B], with iid noise sigma C everywhere.
-  Changing one example's label moves its v_i by at most 2C (both clipped to C), so the accounted
-  noise multiplier is sigma / 2 (replace-one adjacency, the label-DP notion);
+  then AdamW steps; each clipped cut row gets its own N(0, (sigma C_cut)^2) per coordinate before
+  it is sent. In units of (C, C_cut) everything the server sees of the labels is one Gaussian
+  mechanism per step on [sum of head gradients, row 1, ..., row B], each example's part of norm
+  at most 1, with iid noise sigma everywhere. Changing one example's label moves its part by at
+  most 2, so the accounted noise multiplier is sigma / 2 (replace-one adjacency, label DP);
 * no amplification by subsampling is claimed: each cut row travels next to its example's
   privatized embedding, so the server may know which steps hold an example. Instead the batches
   walk shuffled passes over the client's data (``data.sampling = "shuffle"``), so an example is in
@@ -109,18 +112,18 @@ def label_dp_figures(cfg: RunConfig, opts: SAPOptions, *, num_examples: int) -> 
 
 
 def noise_std(figures: DPFigures) -> float:
-    """The std added per coordinate of the head's gradient sum and of every cut row."""
+    """The std added per coordinate of the head's gradient sum (the cut rows: times C_cut / C)."""
     return REPLACE_ONE_SENSITIVITY * figures.noise_multiplier * figures.clip
 
 
 def joint_clip_factors(
-    grad_samples: list[torch.Tensor], rows: torch.Tensor, clip: float
+    grad_samples: list[torch.Tensor], rows: torch.Tensor, clip: float, cut_clip: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example factors min(1, C / ||[head gradients_i, row_i]||) and the norms before clipping
-    (opacus' own flat-clipping formula, with the cut row as one more per-sample tensor)."""
+    """Per-example factors min(1, C / ||[head gradients_i, (C / C_cut) row_i]||) and those norms
+    before clipping (opacus' flat-clipping formula, the weighted cut row one more tensor)."""
     n = rows.shape[0]
-    parts = [g.reshape(n, -1).float() for g in grad_samples] + [rows.reshape(n, -1).float()]
-    norms = torch.cat(parts, dim=1).norm(2, dim=1)
+    weighted = rows.reshape(n, -1).float() * (clip / cut_clip)
+    norms = torch.cat([*(g.reshape(n, -1).float() for g in grad_samples), weighted], dim=1).norm(2, dim=1)
     return (clip / (norms + 1e-6)).clamp(max=1.0), norms
 
 
@@ -135,10 +138,15 @@ class LabelDPHead:
         figures: DPFigures,
         *,
         batch_size: int,
+        cut_clip: float = 0.0,
         noise: SecureGaussian | None = None,
     ) -> None:
+        if not (math.isfinite(cut_clip) and cut_clip >= 0):
+            raise ValueError(f"cut_clip must be a finite bound >= 0 (0 = the head's clip), got {cut_clip}")
         self.head, self.clip, self.batch_size = head, figures.clip, batch_size
+        self.cut_clip = cut_clip or figures.clip
         self.std = noise_std(figures)
+        self.cut_std = self.std * self.cut_clip / self.clip
         self.noise = noise if noise is not None else SecureGaussian()
         self.params = [p for p in head.parameters() if p.requires_grad]
         self._hooks = GradSampleHooks(head, batch_first=True, loss_reduction="sum", strict=True)
@@ -149,7 +157,7 @@ class LabelDPHead:
             expected_batch_size=batch_size,
             noise=self.noise,
         )
-        self.last_norms = torch.zeros(0)  # per-example joint norms of the last step (tests, metrics)
+        self.last_norms = torch.zeros(0)  # per-example weighted joint norms of the last step (tests)
 
     def step(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
         """One private step on trunk outputs ``features`` (B, H): mean loss, and the rows to send
@@ -165,14 +173,14 @@ class LabelDPHead:
         if feats.grad is None:  # pragma: no cover - the head always reads its input
             raise RuntimeError("no gradient reached the trunk output")
         samples = [p.grad_sample for p in self.params]  # type: ignore[attr-defined]
-        factors, self.last_norms = joint_clip_factors(samples, feats.grad, self.clip)
+        factors, self.last_norms = joint_clip_factors(samples, feats.grad, self.clip, self.cut_clip)
         for p, g in zip(self.params, samples, strict=True):
             # Clipped here on the joint norm; opacus re-clips the head part alone, which now only
             # ever scales by (1 - O(1e-6)), and then adds the noise and steps.
             p.grad_sample = g * factors.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)  # type: ignore[attr-defined]
         rows = feats.grad * factors.view(-1, *([1] * (feats.grad.dim() - 1)))
         self._opt.step()
-        noised = (rows + self.noise.normal_like(rows, self.std)) / self.batch_size
+        noised = (rows + self.noise.normal_like(rows, self.cut_std)) / self.batch_size
         return float(per_example.detach().mean()), noised
 
     def close(self) -> None:

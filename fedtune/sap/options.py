@@ -71,6 +71,7 @@ class SAPOptions:
     tls_key: str = ""
     tls_ca: str = ""
     step_timeout_s: float = 300.0
+    dp_cut_clip: float = 0.0
 
     def __post_init__(self) -> None:
         _one_of("task", self.task, TASKS)
@@ -98,6 +99,10 @@ class SAPOptions:
         _require(0 <= self.split_port <= 65535, "algorithm.options.split-port must be in [0, 65535]")
         _require(bool(self.split_host), "algorithm.options.split-host must name an interface, e.g. 127.0.0.1")
         _require(self.step_timeout_s > 0, "algorithm.options.step-timeout-s must be > 0 seconds")
+        _require(
+            math.isfinite(self.dp_cut_clip) and self.dp_cut_clip >= 0,
+            "algorithm.options.dp-cut-clip must be a finite bound >= 0 (0 = privacy.clip)",
+        )
         tls = (self.tls_cert, self.tls_key, self.tls_ca)
         _require(
             all(tls) or not any(tls),

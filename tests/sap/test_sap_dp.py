@@ -55,11 +55,13 @@ def _figures(sigma_accounted: float, clip: float, steps: int = 1) -> DPFigures:
     return DPFigures(noise_multiplier=sigma_accounted, sample_rate=1.0, steps=steps, clip=clip)
 
 
-def test_joint_norms_are_each_examples_head_gradient_and_cut_row() -> None:
-    """opacus' per-sample head gradients plus the row, against one backward per example."""
+@pytest.mark.parametrize("cut_clip", [0.0, 0.05])
+def test_joint_norms_are_each_examples_head_gradient_and_cut_row(cut_clip: float) -> None:
+    """opacus' per-sample head gradients plus the (weighted) row, against one backward per example."""
     head, feats, labels = _head_and_data()
     opt = torch.optim.SGD(head.parameters(), lr=0.1)
-    private = LabelDPHead(head, opt, _figures(1.0, clip=0.5), batch_size=len(labels))
+    private = LabelDPHead(head, opt, _figures(1.0, clip=0.5), batch_size=len(labels), cut_clip=cut_clip)
+    weight = 1.0 if cut_clip == 0 else 0.5 / cut_clip
     want = []
     for i in range(len(labels)):
         probe = ClassifierHead(8, 3, seed=1)
@@ -67,7 +69,7 @@ def test_joint_norms_are_each_examples_head_gradient_and_cut_row() -> None:
         F.cross_entropy(probe(x), labels[i : i + 1]).backward()  # type: ignore[no-untyped-call]
         grads = [p.grad.flatten() for p in probe.parameters() if p.grad is not None]
         assert x.grad is not None
-        want.append(float(torch.cat([*grads, x.grad.flatten()]).norm()))
+        want.append(float(torch.cat([*grads, weight * x.grad.flatten()]).norm()))
     try:
         private.step(feats, labels)
     finally:
@@ -92,19 +94,22 @@ def test_a_private_step_changes_the_head_and_removes_its_hooks() -> None:
 
 
 def test_the_rows_sent_up_carry_noise_of_the_stated_std() -> None:
-    """With sigma C far above any clipped row, the rows times B are the noise: std 2 sigma_acc C."""
+    """With sigma C_cut far above any clipped row, the rows times B are the noise: std
+    2 sigma_acc C_cut (the head's sum gets 2 sigma_acc C)."""
     n, hidden = 256, 64
     head = ClassifierHead(hidden, 2, seed=0)
     feats = torch.zeros(n, hidden)
     labels = torch.zeros(n, dtype=torch.long)
-    figures = _figures(25.0, clip=1.0)  # accounted sigma 25: std 50 per coordinate
-    private = LabelDPHead(head, torch.optim.SGD(head.parameters(), lr=0.0), figures, batch_size=n)
+    figures = _figures(25.0, clip=2.0)  # accounted sigma 25: std 100 on the head, 50 on rows
+    private = LabelDPHead(
+        head, torch.optim.SGD(head.parameters(), lr=0.0), figures, batch_size=n, cut_clip=1.0
+    )
     try:
         _, rows = private.step(feats, labels)
     finally:
         private.close()
     sent = (rows * n).numpy().ravel()
-    assert noise_std(figures) == 50.0
+    assert noise_std(figures) == 100.0
     assert abs(float(sent.std()) / 50.0 - 1.0) < 0.03
     assert abs(float(sent.mean())) < 50.0 * 4 / math.sqrt(sent.size)
 
@@ -151,6 +156,11 @@ def test_figures_follow_the_config(sap_cfg: Any) -> None:
 def test_configs_sap_cannot_honour_are_refused(sap_cfg: Any, extra: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         create_algorithm(sap_cfg(**{**DP, **extra}))
+
+
+def test_a_negative_cut_clip_is_a_config_error(sap_cfg: Any) -> None:
+    with pytest.raises(ValueError, match="dp-cut-clip must be a finite bound >= 0"):
+        create_algorithm(sap_cfg(**{**DP, "algorithm.options.dp-cut-clip": -1.0}))
 
 
 def test_the_causal_lm_split_is_refused(causal_sap_cfg: Any) -> None:

@@ -40,10 +40,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleHooks
 
 from fedtune.config import RunConfig
-from fedtune.privacy.dp_sgd import SecureDPOptimizer
 from fedtune.privacy.noise import SecureGaussian
 from fedtune.privacy.plan import ServerLedger, noise_multiplier
 from fedtune.sap.options import SAPOptions
@@ -148,6 +146,12 @@ class LabelDPHead:
         self.std = noise_std(figures)
         self.cut_std = self.std * self.cut_clip / self.clip
         self.noise = noise if noise is not None else SecureGaussian()
+        # opacus is imported here: a SAP client without privacy never pays for it (a deployed
+        # node imports its modules afresh every round).
+        from opacus.grad_sample import GradSampleHooks
+
+        from fedtune.privacy.dp_sgd import SecureDPOptimizer
+
         self.params = [p for p in head.parameters() if p.requires_grad]
         self._hooks = GradSampleHooks(head, batch_first=True, loss_reduction="sum", strict=True)
         self._opt = SecureDPOptimizer(

@@ -369,7 +369,7 @@ class FedKSeedServer(ServerAlgorithm):
         state.update(with_prefix("pro", self.importance.state_dict()))
         state.update(with_prefix("agg", self.aggregator.state_dict()))
         if self.privacy is not None:
-            state.update(with_prefix("dp", self.privacy.ledger.state_dict()))
+            state.update(self.privacy.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
@@ -397,10 +397,7 @@ class FedKSeedServer(ServerAlgorithm):
             )
         importance = SeedImportance(self.num_seeds, clip=self.importance.clip)
         importance.load_state_dict(under_prefix("pro", state))
-        ledger = None
-        if self.privacy is not None:
-            ledger = self.privacy.new_ledger()
-            ledger.load_state_dict(under_prefix("dp", state))
+        ledger = None if self.privacy is None else self.privacy.ledger_from_state(state)
         self.aggregator.load_state_dict(under_prefix("agg", state))
         nodes = np.asarray(state["node_ids"], dtype=np.int64).tolist()
         rounds = np.asarray(state["node_rounds"], dtype=np.int64).tolist()

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -66,16 +65,6 @@ def fit_cti(
         floor=opts.cti_floor,
         ignore_ids=special_ids(tokenizer),
     )
-
-
-@contextlib.contextmanager
-def _closing(private: LabelDPHead | None) -> Iterator[None]:
-    """Removes opacus' hooks from the head however the round ends."""
-    try:
-        yield
-    finally:
-        if private is not None:
-            private.close()
 
 
 def _mask(batch_mask: torch.Tensor) -> pb.Tensor:
@@ -132,8 +121,9 @@ class SAPNode(ClientAlgorithm):
         times: list[float] = []
         noised: list[tuple[int, float, float]] = []
         root = rnd.root_certificates or None
+        # closing(private) removes opacus' hooks from the head however the round ends.
         with (
-            _closing(private),
+            contextlib.closing(private) if private is not None else contextlib.nullcontext(),
             SplitChannelClient(
                 rnd.address,
                 stream_id=rnd.stream_id,

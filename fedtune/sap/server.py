@@ -124,7 +124,7 @@ class SAPServer(ServerAlgorithm):
         noise = f"eta {o.eta:g}{' with CTI' if o.cti else ''}" if o.privatize else "no privatization"
         shape = "U-shaped" if o.u_shaped else "standard"
         if self.privacy is not None:
-            noise += f", label DP (sigma from the config, clip {self.cfg.privacy.clip:g})"
+            noise += f", label DP at clip {self.cfg.privacy.clip:g}"
         return (
             f"split-and-privatize LoRA: {o.task} split at depth {o.depth} ({shape}, {o.variant} variant, "
             f"{noise}), {o.adapters} trunk adapter(s), {len(self.trainer.params)} trainable tensors"

@@ -1,7 +1,8 @@
 """In-place axpy kernels over tuned tensors: theta += alpha * z without materializing z for the whole model.
 
 Sign vectors are expanded from packed bits through a 256-entry lookup table one cache-sized chunk at a
-time, so a Rademacher pass costs little more than a plain ``add_`` pass. Work over tensors is spread over a
+time, so a Rademacher pass costs little more than a plain ``add_`` pass (on CPU a compiled kernel,
+:func:`.sign_jit.sign_axpy_`, does it in one pass). Work over tensors is spread over a
 few Python threads (torch releases the GIL), each owning its scratch buffers, so nothing mutable is shared.
 """
 
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fedtune.zo.perturbation import sign_lut
+from fedtune.zo.sign_jit import sign_axpy_
 
 CPU_CHUNK = 1 << 18
 """Elements expanded per chunk on CPU (1 MiB of float32: stays in L2 between expansion and add)."""
@@ -38,6 +40,9 @@ class SignWorkspace:
 
     def axpy_(self, target: torch.Tensor, packed: torch.Tensor, alpha: float) -> None:
         """``target += alpha * signs(packed)`` for a flat float32 ``target`` on the workspace device."""
+        if target.device.type == "cpu":  # compiled one-pass kernel, the same values as the torch ops below
+            sign_axpy_(target.numpy(), packed.numpy(), alpha)
+            return
         n = target.numel()
         for start in range(0, n, self.chunk):
             stop = min(n, start + self.chunk)

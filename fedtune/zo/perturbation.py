@@ -26,6 +26,7 @@ from functools import cached_property
 from typing import Literal, get_args
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 ENGINE_VERSION = "fedtune-zo/1"
@@ -130,14 +131,24 @@ class Perturbation:
         generator.manual_seed(self.gaussian_seed(seed_index, position))
         return out[:n].normal_(generator=generator)
 
+    def sign_words(self, seed_index: int, position: int) -> npt.NDArray[np.uint64]:
+        """The raw 64-bit generator words of one tensor's Rademacher signs: ceil(numel / 64) of them.
+
+        Value ``i`` is bit ``i % 64`` of word ``i // 64`` (the numbers, whatever the host's byte order).
+        """
+        if self.kind != "rademacher":
+            raise ValueError(f"sign_words needs kind='rademacher', this perturbation is {self.kind!r}")
+        self._check(seed_index, position)
+        bits = np.random.PCG64(np.random.SeedSequence([ENGINE_TAG, self.run_seed, seed_index, position]))
+        words: npt.NDArray[np.uint64] = bits.random_raw((self.numels[position] + 63) // 64)
+        return words
+
     def packed_signs(self, seed_index: int, position: int) -> torch.Tensor:
         """Packed Rademacher signs of one tensor: uint8, ceil(numel / 8) bytes, little bit order."""
         if self.kind != "rademacher":
             raise ValueError(f"packed_signs needs kind='rademacher', this perturbation is {self.kind!r}")
-        self._check(seed_index, position)
-        n_bytes = (self.numels[position] + 7) // 8
-        bits = np.random.PCG64(np.random.SeedSequence([ENGINE_TAG, self.run_seed, seed_index, position]))
-        raw = bits.random_raw((n_bytes + 7) // 8).astype("<u8", copy=False)
+        n_bytes = (self.numels[position] + 7) // 8 if 0 <= position < len(self.shapes) else 0
+        raw = self.sign_words(seed_index, position).astype("<u8", copy=False)
         return torch.from_numpy(raw.view(np.uint8)[:n_bytes])
 
     def materialize(self, seed_index: int, position: int) -> torch.Tensor:

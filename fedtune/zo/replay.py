@@ -4,7 +4,8 @@ FedKSeed's sync is ``theta_r = theta_0 - lr * sum_s A_s z_s`` over up to K seeds
 cost, K full-model regenerations, dominates a round (§7.4). Workers split the tensors; each tensor gathers
 every seed's contribution before the weight is touched once:
 
-* Rademacher: 16 seeds per pass through a 65,536-entry table of their signed sums (:mod:`.sign_sums`);
+* Rademacher: 16 seeds per pass through a 65,536-entry table of their signed sums (:mod:`.sign_sums`; on
+  CPU the compiled kernel of :mod:`.sign_jit` does the pass);
 * Gaussian: seeds inner, cache-sized pieces outer (:mod:`.gaussian_chunks`), so each piece of z is added
   into an L2-resident accumulator right after it is generated, with one generator per seed.
 """
@@ -21,6 +22,7 @@ from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
 from fedtune.zo.kernels import CPU_CHUNK, CUDA_CHUNK, SIGN_SUM_CHUNK, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import MAX_SEED_INDEX, Perturbation
+from fedtune.zo.sign_jit import add_sign_group_
 from fedtune.zo.sign_sums import GROUP, SignSumWorkspace, group_table
 
 SeedIndices = Sequence[int] | npt.NDArray[np.integer]
@@ -113,8 +115,12 @@ def _sign_work(
         workspace, accumulator, device_tables = workspaces[device]
         acc = accumulator[: target.numel()].zero_()
         for group, table in zip(seed_groups, device_tables, strict=True):
-            packed = [perturbation.packed_signs(seed, position).to(device) for seed, _ in group]
-            workspace.add_group_(acc, packed, table)
+            if device.type == "cpu":  # compiled kernel: one pass, bit-identical to the torch path below
+                words = [perturbation.sign_words(seed, position) for seed, _ in group]
+                add_sign_group_(acc.numpy(), words, table.numpy())
+            else:
+                packed = [perturbation.packed_signs(seed, position).to(device) for seed, _ in group]
+                workspace.add_group_(acc, packed, table)
         target.add_(acc)
 
 

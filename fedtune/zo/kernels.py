@@ -19,8 +19,6 @@ from fedtune.zo.sign_jit import sign_axpy_
 
 CPU_CHUNK = 1 << 18
 """Elements expanded per chunk on CPU (1 MiB of float32: stays in L2 between expansion and add)."""
-SIGN_SUM_CHUNK = 1 << 20
-"""Values per chunk of the 16-seed sign sums; their ops are cheap, so smaller chunks pay per-call overhead."""
 CUDA_CHUNK = 1 << 22
 """Elements per chunk on accelerators, where cache residency matters less than launch count."""
 

@@ -147,9 +147,8 @@ class Perturbation:
         """Packed Rademacher signs of one tensor: uint8, ceil(numel / 8) bytes, little bit order."""
         if self.kind != "rademacher":
             raise ValueError(f"packed_signs needs kind='rademacher', this perturbation is {self.kind!r}")
-        n_bytes = (self.numels[position] + 7) // 8 if 0 <= position < len(self.shapes) else 0
         raw = self.sign_words(seed_index, position).astype("<u8", copy=False)
-        return torch.from_numpy(raw.view(np.uint8)[:n_bytes])
+        return torch.from_numpy(raw.view(np.uint8)[: (self.numels[position] + 7) // 8])
 
     def materialize(self, seed_index: int, position: int) -> torch.Tensor:
         """A fresh CPU float32 tensor holding one tensor's direction, shaped like the tensor."""

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import torch
 
 from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
-from fedtune.zo.kernels import CPU_CHUNK, CUDA_CHUNK, SIGN_SUM_CHUNK, balanced_groups, flat_view, run_groups
+from fedtune.zo.kernels import CPU_CHUNK, CUDA_CHUNK, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import MAX_SEED_INDEX, Perturbation
 from fedtune.zo.sign_jit import add_sign_group_
@@ -100,22 +100,22 @@ def _sign_work(
     positions: Sequence[int],
 ) -> None:
     """Per tensor: 16 seeds per table pass into one accumulator, then one add into the weight."""
-    workspaces: dict[torch.device, tuple[SignSumWorkspace, torch.Tensor, list[torch.Tensor]]] = {}
+    # On CPU the compiled kernel needs no scratch, so no SignSumWorkspace is built there.
+    workspaces: dict[torch.device, tuple[SignSumWorkspace | None, torch.Tensor, list[torch.Tensor]]] = {}
     largest = max(perturbation.numels[p] for p in positions)
     for position in positions:
         target = flat_view(tuned.tensors[position])
         device = target.device
         if device not in workspaces:  # one accumulator per worker, reused: fresh pages cost more than work
-            chunk = SIGN_SUM_CHUNK if device.type == "cpu" else CUDA_CHUNK
             workspaces[device] = (
-                SignSumWorkspace(device, chunk),
+                None if device.type == "cpu" else SignSumWorkspace(device, CUDA_CHUNK),
                 torch.empty(largest, dtype=torch.float32, device=device),
                 [table.to(device) for table in tables],
             )
         workspace, accumulator, device_tables = workspaces[device]
         acc = accumulator[: target.numel()].zero_()
         for group, table in zip(seed_groups, device_tables, strict=True):
-            if device.type == "cpu":  # compiled kernel: one pass, bit-identical to the torch path below
+            if workspace is None:  # CPU: the compiled kernel, one pass, bit-identical to the torch path
                 words = [perturbation.sign_words(seed, position) for seed, _ in group]
                 add_sign_group_(acc.numpy(), words, table.numpy())
             else:

@@ -3,8 +3,9 @@
 A two-point step needs the same z three times. Caching it saves regenerations (Gaussian z is the dominant
 CPU cost, ``fedkseed.md`` §9) but a float32 cache costs 4 bytes per parameter, more than MeZO's "memory equals
 inference" promise allows on the full model. Rademacher signs cache as packed bits (d/8 bytes), so they are
-always cheap to keep. Gaussian z that is not cached is regenerated in cache-sized pieces
-(:mod:`.gaussian_chunks`), so a worker's scratch is one piece and the budget goes to caches.
+always cheap to keep. Gaussian z that is not cached is regenerated and added in one compiled pass on CPU
+(:mod:`.gaussian_jit`), or piece by piece for an accelerator, so a worker's scratch is one piece and the
+budget goes to caches.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Literal, get_args
 
 import torch
 
-from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
 from fedtune.zo.kernels import CPU_CHUNK as PIECE
 from fedtune.zo.kernels import SignWorkspace, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
@@ -87,8 +87,7 @@ class SeedDirection:
             return sum((numels[p] + 7) // 8 for p in cached)
         # Regenerated tensors need one piece of scratch per worker, not a tensor's worth.
         scratch = sum(
-            min(PIECE + 2 * BLOCK, max((numels[p] for p in group if p not in cached), default=0))
-            for group in self.groups
+            min(PIECE, max((numels[p] for p in group if p not in cached), default=0)) for group in self.groups
         )
         return 4 * (sum(numels[p] for p in cached) + scratch)
 
@@ -118,6 +117,8 @@ class SeedDirection:
             if self.perturbation.kind == "gaussian":
                 if position in self.cached:
                     target.add_(self._cached_gaussian(group, position, seed, target.device), alpha=alpha)
+                elif target.device.type == "cpu":  # one compiled pass: generate, gather, add
+                    self.perturbation.add_gaussian_(seed, position, target, alpha)
                 else:
                     self._add_gaussian_pieces(group, position, seed, target, alpha)
             else:
@@ -142,21 +143,21 @@ class SeedDirection:
     def _add_gaussian_pieces(
         self, group: int, position: int, seed: int, target: torch.Tensor, alpha: float
     ) -> None:
-        """Regenerate z piece by piece, each added while it is still in cache (same values as one call)."""
+        """Accelerator: generate z on the CPU piece by piece (the values are the CPU's), copy, add."""
         for (start, stop), piece in self._pieces(group, position, seed):
-            target[start:stop].add_(
-                piece if target.device.type == "cpu" else piece.to(target.device), alpha=alpha
-            )
+            target[start:stop].add_(piece.to(target.device), alpha=alpha)
 
     def _pieces(self, group: int, position: int, seed: int) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-        pieces = GaussianPieces(
-            self.perturbation.gaussian_seed(seed, position), self.perturbation.numels[position], PIECE
-        )
+        n = self.perturbation.numels[position]
         scratch = self._scratch[group]
-        if scratch is None or scratch.numel() < pieces.max_piece:
-            scratch = self._scratch[group] = torch.empty(PIECE + 2 * BLOCK, dtype=torch.float32)
-        for bounds in pieces.bounds:
-            yield bounds, pieces.fill(scratch)
+        if scratch is None:
+            scratch = self._scratch[group] = torch.empty(PIECE, dtype=torch.float32)
+        for start in range(0, n, PIECE):
+            stop = min(n, start + PIECE)
+            yield (
+                (start, stop),
+                self.perturbation.fill_gaussian(seed, position, scratch, start=start, count=stop - start),
+            )
 
     def _packed(self, position: int, seed: int, device: torch.device) -> torch.Tensor:
         if position not in self.cached:

@@ -12,11 +12,13 @@ Engine layout (part of :data:`ENGINE_VERSION`; changing any of it changes every 
 * ``"rademacher"``: the raw 64-bit outputs of numpy's ``PCG64`` seeded by
   ``SeedSequence([ENGINE_TAG, run_seed, seed_index, position])``, read as little-endian bytes; element
   ``i`` is +1 when bit ``i % 8`` of byte ``i // 8`` is set and -1 otherwise. Bit-exact on every platform.
-* ``"gaussian"``: ``torch.Tensor.normal_`` over the flattened tensor (float32) from a fresh CPU
-  ``torch.Generator``. Torch truncates seeds to 32 bits (its mt19937 is seeded with a uint32), so the seed
-  is a keyed bijection of ``seed_index * 2**12 + position``: collision-free within a run for
-  ``seed_index < 2**20`` and at most ``2**12`` tensors. Values depend on the torch version and may differ in
-  the last bit across CPU instruction sets, which :func:`fedtune.zo.fingerprint.z_checksum` detects.
+* ``"gaussian"``: Philox4x32-10 of the counter ``(block, position, seed_index, 0)`` under a 64-bit key from
+  ``SeedSequence([ENGINE_TAG, run_seed, 1])``, each 16-bit half mapped through a 65,536-entry inverse-CDF
+  table (:mod:`.gaussian_jit`). Integer arithmetic and a table lookup only, so bit-exact on every platform;
+  any piece of a tensor's direction is computed from its counters alone.
+
+Version 1 drew Gaussian z with torch's mt19937 ``normal_``; version 2 changed only that, so a version-1 party
+or checkpoint is refused (:func:`fedtune.zo.fingerprint.check_compatible` names the engine version).
 """
 
 from __future__ import annotations
@@ -29,37 +31,30 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-ENGINE_VERSION = "fedtune-zo/1"
+from fedtune.zo.gaussian_jit import add_gaussian_, add_gaussian_sum_, fill_gaussian_, round_keys
+
+ENGINE_VERSION = "fedtune-zo/2"
 """Version of the direction layout above; parties with different versions cannot share seeds."""
 
 ENGINE_TAG = 0x46_5A_4F_31  # "FZO1": domain-separates our SeedSequence keys from any other use of run_seed.
 _GAUSSIAN_TAG = 1
 
 MAX_SEED_INDEX = 2**20
-"""Exclusive upper bound of a seed index (the Gaussian key packs it into 20 bits)."""
+"""Exclusive upper bound of a seed index (a bound the wire formats and checkpoints validate against)."""
 MAX_TENSORS = 2**12
-"""Most tensors one run may tune (the Gaussian key packs the position into 12 bits)."""
+"""Most tensors one run may tune."""
+MAX_NUMEL = 2**35
+"""Largest tensor the Gaussian layout addresses (2**32 Philox blocks of 8 values)."""
 
 PerturbationKind = Literal["gaussian", "rademacher"]
 PERTURBATION_KINDS: tuple[str, ...] = get_args(PerturbationKind)
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _fmix32(h: int) -> int:
-    """MurmurHash3's finalizer: a bijection on 32-bit integers that scatters neighbouring keys."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
 
 
 def generator_id(kind: str) -> str:
     """Name the random-number backend whose exact stream a kind depends on (compared between parties)."""
     if kind == "rademacher":
         return f"numpy-pcg64-raw/{ENGINE_VERSION}"
-    return f"torch-{torch.__version__.split('+')[0]}-mt19937-normal/{ENGINE_VERSION}"
+    return f"philox4x32-10-q16/{ENGINE_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -69,8 +64,8 @@ class Perturbation:
     Parameters
     ----------
     kind
-        ``"gaussian"`` (N(0, 1), as in MeZO and FedKSeed) or ``"rademacher"`` (uniform +-1; bit-exact
-        everywhere and storable as packed bits, d/8 bytes).
+        ``"gaussian"`` (N(0, 1) on 65,536 levels, as in MeZO and FedKSeed) or ``"rademacher"``
+        (uniform +-1; storable as packed bits, d/8 bytes). Both are bit-exact everywhere.
     run_seed
         Shared by all parties of one run; 0 <= run_seed < 2**64.
     shapes
@@ -98,6 +93,8 @@ class Perturbation:
         for shape in self.shapes:
             if any(int(s) < 0 for s in shape):
                 raise ValueError(f"invalid tensor shape {shape}")
+        if max(self.numels) > MAX_NUMEL:
+            raise ValueError(f"a tensor of {max(self.numels)} values exceeds the engine limit of {MAX_NUMEL}")
 
     @cached_property
     def numels(self) -> tuple[int, ...]:
@@ -105,9 +102,10 @@ class Perturbation:
         return tuple(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes)
 
     @cached_property
-    def _gaussian_keys(self) -> tuple[int, int]:
-        k1, k2 = np.random.SeedSequence([ENGINE_TAG, self.run_seed, _GAUSSIAN_TAG]).generate_state(2)
-        return int(k1), int(k2)
+    def _gaussian_key(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+        sequence = np.random.SeedSequence([ENGINE_TAG, self.run_seed, _GAUSSIAN_TAG])
+        words = sequence.generate_state(2, np.uint32)
+        return round_keys((int(words[0]), int(words[1])))
 
     def _check(self, seed_index: int, position: int) -> None:
         if not 0 <= seed_index < MAX_SEED_INDEX:
@@ -115,21 +113,54 @@ class Perturbation:
         if not 0 <= position < len(self.shapes):
             raise ValueError(f"position must be in [0, {len(self.shapes)}), got {position}")
 
-    def gaussian_seed(self, seed_index: int, position: int) -> int:
-        """The 32-bit torch seed of one tensor's Gaussian direction (injective per run)."""
-        self._check(seed_index, position)
-        k1, k2 = self._gaussian_keys
-        return _fmix32(((seed_index << 12) | position) ^ k1) ^ k2
-
-    def fill_gaussian(self, seed_index: int, position: int, out: torch.Tensor) -> torch.Tensor:
-        """Write the Gaussian direction of one tensor into ``out[:numel]`` (CPU, float32, contiguous)."""
+    def _check_gaussian(self, what: str, seed_index: int, position: int) -> int:
         if self.kind != "gaussian":
-            raise ValueError(f"fill_gaussian needs kind='gaussian', this perturbation is {self.kind!r}")
-        n = self.numels[position] if 0 <= position < len(self.shapes) else 0
-        self._check_buffer(out, n)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(self.gaussian_seed(seed_index, position))
-        return out[:n].normal_(generator=generator)
+            raise ValueError(f"{what} needs kind='gaussian', this perturbation is {self.kind!r}")
+        self._check(seed_index, position)
+        return self.numels[position]
+
+    def fill_gaussian(
+        self, seed_index: int, position: int, out: torch.Tensor, *, start: int = 0, count: int | None = None
+    ) -> torch.Tensor:
+        """Write values ``[start, start + count)`` of one tensor's Gaussian direction into ``out[:count]``
+        (CPU, float32, contiguous) and return that view; ``count`` defaults to the rest of the tensor and
+        ``start`` must be a multiple of 8."""
+        n = self._check_gaussian("fill_gaussian", seed_index, position)
+        count = n - start if count is None else count
+        if not 0 <= start <= n or not 0 <= count <= n - start:
+            raise ValueError(f"values [{start}, {start + count}) are not inside the tensor's {n}")
+        self._check_buffer(out, count)
+        piece = out[:count]
+        fill_gaussian_(piece.numpy(), self._gaussian_key, position, seed_index, start)
+        return piece
+
+    def add_gaussian_(self, seed_index: int, position: int, target: torch.Tensor, alpha: float) -> None:
+        """``target += alpha * z`` for one tensor (``target`` its flat CPU float32 view), z never stored."""
+        n = self._check_gaussian("add_gaussian_", seed_index, position)
+        self._check_buffer(target, n)
+        if target.numel() != n:
+            raise ValueError(f"target holds {target.numel()} values, the tensor has {n}")
+        add_gaussian_(target.numpy(), self._gaussian_key, position, seed_index, alpha)
+
+    def add_gaussian_sum_(
+        self,
+        position: int,
+        seed_indices: npt.NDArray[np.int64],
+        values: npt.NDArray[np.float64],
+        out: torch.Tensor,
+        *,
+        start: int = 0,
+    ) -> None:
+        """``out += sum_s values[s] * z_s[start:start + out.numel()]`` for one tensor (CPU float32), the
+        seeds' sum formed piece by piece in cache and added to ``out`` once."""
+        seeds = np.asarray(seed_indices)
+        n = self._check_gaussian("add_gaussian_sum_", 0, position)
+        if seeds.size and (int(seeds.min()) < 0 or int(seeds.max()) >= MAX_SEED_INDEX):
+            raise ValueError(f"seed indices must be in [0, {MAX_SEED_INDEX})")
+        self._check_buffer(out, 0)
+        if start < 0 or start + out.numel() > n:
+            raise ValueError(f"values [{start}, {start + out.numel()}) are not inside the tensor's {n}")
+        add_gaussian_sum_(out.numpy(), self._gaussian_key, position, seeds, np.asarray(values), start)
 
     def sign_words(self, seed_index: int, position: int) -> npt.NDArray[np.uint64]:
         """The raw 64-bit generator words of one tensor's Rademacher signs: ceil(numel / 64) of them.

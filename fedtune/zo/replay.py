@@ -6,8 +6,8 @@ every seed's contribution before the weight is touched once:
 
 * Rademacher: 16 seeds per pass through a 65,536-entry table of their signed sums (:mod:`.sign_sums`; on
   CPU the compiled kernel of :mod:`.sign_jit` does the pass);
-* Gaussian: seeds inner, cache-sized pieces outer (:mod:`.gaussian_chunks`), so each piece of z is added
-  into an L2-resident accumulator right after it is generated, with one generator per seed.
+* Gaussian: seeds inner, cache-sized pieces outer, so each piece of z is added into an L2-resident
+  accumulator right after it is generated (:mod:`.gaussian_jit`, one compiled call per tensor on CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedtune.zo.gaussian_chunks import BLOCK, GaussianPieces
 from fedtune.zo.kernels import CPU_CHUNK, CUDA_CHUNK, balanced_groups, flat_view, run_groups
 from fedtune.zo.params import TunedParameters
 from fedtune.zo.perturbation import MAX_SEED_INDEX, Perturbation
@@ -71,7 +70,7 @@ def replay(
 
     Equal to applying the seeds one by one up to float32 rounding; ``replay(-c)`` undoes ``replay(c)``.
     Extra memory: Rademacher, one float32 accumulator of the largest tensor and two bytes per value of
-    16 seeds' signs per thread; Gaussian, two pieces of scratch and one generator per seed per thread.
+    16 seeds' signs per thread; Gaussian, one piece of scratch per thread.
     """
     if tuned.shapes != perturbation.shapes:
         raise ValueError("perturbation shapes do not match the tuned tensors; build both from one model")
@@ -84,7 +83,7 @@ def replay(
     pairs = list(zip(seeds.tolist(), values.tolist(), strict=True))
     groups = balanced_groups(perturbation.numels, threads)
     if perturbation.kind == "gaussian":
-        run_groups(groups, lambda _, positions: _gaussian_work(tuned, perturbation, pairs, positions))
+        run_groups(groups, lambda _, positions: _gaussian_work(tuned, perturbation, seeds, values, positions))
     else:
         seed_groups = [pairs[i : i + GROUP] for i in range(0, len(pairs), GROUP)]
         tables = [group_table([value for _, value in group]) for group in seed_groups]
@@ -125,20 +124,20 @@ def _sign_work(
 
 
 def _gaussian_work(
-    tuned: TunedParameters, perturbation: Perturbation, pairs: Sequence[Pair], positions: Sequence[int]
+    tuned: TunedParameters,
+    perturbation: Perturbation,
+    seeds: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float64],
+    positions: Sequence[int],
 ) -> None:
-    """Per tensor and cache-sized piece: every seed's piece summed in L2, then one add into the weight."""
-    z = torch.empty(CPU_CHUNK + 2 * BLOCK, dtype=torch.float32)
-    acc = torch.empty_like(z)
+    """Per tensor: every seed's piece summed in L2, then one add into the weight (CPU: one compiled call)."""
+    acc = torch.empty(CPU_CHUNK, dtype=torch.float32)
     for position in positions:
         target = flat_view(tuned.tensors[position])
-        n = target.numel()
-        streams = [
-            (GaussianPieces(perturbation.gaussian_seed(seed, position), n, CPU_CHUNK), value)
-            for seed, value in pairs
-        ]
-        for start, stop in streams[0][0].bounds:
-            piece = acc[: stop - start].zero_()
-            for stream, value in streams:
-                piece.add_(stream.fill(z), alpha=value)
-            target[start:stop].add_(piece if target.device.type == "cpu" else piece.to(target.device))
+        if target.device.type == "cpu":
+            perturbation.add_gaussian_sum_(position, seeds, values, target)
+            continue
+        for start in range(0, target.numel(), CPU_CHUNK):
+            piece = acc[: min(CPU_CHUNK, target.numel() - start)].zero_()
+            perturbation.add_gaussian_sum_(position, seeds, values, piece, start=start)
+            target[start : start + piece.numel()].add_(piece.to(target.device))

@@ -27,26 +27,30 @@ def _fixed_answer_batch(seed: int, rows: int = 8) -> TokenBatch:
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_held_out_answer_loss_falls(tiny_model: Callable[..., LlamaForCausalLM], kind: str) -> None:
-    model = tiny_model(std=0.02)
+    # One 200-step zeroth-order trajectory is noisy (the held-out drop ranged 0.13-1.2 over 16 run seeds
+    # with Gaussian z), so three runs are averaged.
     held_out = _fixed_answer_batch(10_000, rows=64)
-    with torch.inference_mode():
-        before = float(answer_loss(model, held_out))
-    seen: list[int] = []
-    results = train_zo(
-        model,
-        selection=ParamSelection(),
-        config=ZOConfig(eps=1e-3, kind=kind, threads=1),  # type: ignore[arg-type]
-        batches=_fixed_answer_batch,
-        steps=200,
-        lr=6e-4,
-        run_seed=0,
-        eval_fn=lambda step, result: seen.append(step),
-    )
-    with torch.inference_mode():
-        after = float(answer_loss(model, held_out))
-    assert len(results) == 200 and seen == list(range(1, 201))
-    assert not any(r.skipped for r in results)
-    assert after < before - 0.4, (before, after)  # about -0.6 (gaussian) / -0.7 (rademacher)
+    drops: list[float] = []
+    for run_seed in range(3):
+        model = tiny_model(std=0.02)
+        with torch.inference_mode():
+            before = float(answer_loss(model, held_out))
+        seen: list[int] = []
+        results = train_zo(
+            model,
+            selection=ParamSelection(),
+            config=ZOConfig(eps=1e-3, kind=kind, threads=1),  # type: ignore[arg-type]
+            batches=_fixed_answer_batch,
+            steps=200,
+            lr=6e-4,
+            run_seed=run_seed,
+            eval_fn=lambda step, result, seen=seen: seen.append(step),
+        )
+        with torch.inference_mode():
+            drops.append(before - float(answer_loss(model, held_out)))
+        assert len(results) == 200 and seen == list(range(1, 201))
+        assert not any(r.skipped for r in results)
+    assert sum(drops) / 3 > 0.3, drops  # about 0.4 (gaussian) / 0.8 (rademacher)
 
 
 def test_seed_pool_and_iterable_batches(tiny_model: Callable[..., LlamaForCausalLM]) -> None:

@@ -13,9 +13,9 @@ Engine layout (part of :data:`ENGINE_VERSION`; changing any of it changes every 
   ``SeedSequence([ENGINE_TAG, run_seed, seed_index, position])``, read as little-endian bytes; element
   ``i`` is +1 when bit ``i % 8`` of byte ``i // 8`` is set and -1 otherwise. Bit-exact on every platform.
 * ``"gaussian"``: Philox4x32-10 of the counter ``(block, position, seed_index, 0)`` under a 64-bit key from
-  ``SeedSequence([ENGINE_TAG, run_seed, 1])``, each 16-bit half mapped through a 65,536-entry inverse-CDF
-  table (:mod:`.gaussian_jit`). Integer arithmetic and a table lookup only, so bit-exact on every platform;
-  any piece of a tensor's direction is computed from its counters alone.
+  ``SeedSequence([ENGINE_TAG, run_seed, 1])``, the top 12 bits of each 16-bit half mapped through a
+  4,096-entry inverse-CDF table (:mod:`.gaussian_jit`). Integer arithmetic and a table lookup only, so
+  bit-exact on every platform; any piece of a tensor's direction is computed from its counters alone.
 
 Version 1 drew Gaussian z with torch's mt19937 ``normal_``; version 2 changed only that, so a version-1 party
 or checkpoint is refused (:func:`fedtune.zo.fingerprint.check_compatible` names the engine version).
@@ -64,7 +64,7 @@ class Perturbation:
     Parameters
     ----------
     kind
-        ``"gaussian"`` (N(0, 1) on 65,536 levels, as in MeZO and FedKSeed) or ``"rademacher"``
+        ``"gaussian"`` (N(0, 1) on 4,096 levels, as in MeZO and FedKSeed) or ``"rademacher"``
         (uniform +-1; storable as packed bits, d/8 bytes). Both are bit-exact everywhere.
     run_seed
         Shared by all parties of one run; 0 <= run_seed < 2**64.

@@ -39,13 +39,13 @@ def test_philox_matches_the_known_answers(
 
 
 def test_values_are_the_documented_layout() -> None:
-    # value 8b + 2j + h = TABLE[(w_j >> 16h) & 0xFFFF], w = Philox(counter (b, position, seed, 0))
+    # value 8b + 2j + h = TABLE[((w_j >> 16h) & 0xFFFF) >> 4], w = Philox(counter (b, position, seed, 0))
     position, seed = 3, 77
     out = np.empty(40, dtype=np.float32)
     fill_gaussian_(out, KEY, position, seed)
     key = (int(KEY[0][0]), int(KEY[1][0]))
     expected = [
-        gaussian_table()[(w >> (16 * h)) & 0xFFFF]
+        gaussian_table()[((w >> (16 * h)) & 0xFFFF) >> 4]
         for b in range(5)
         for w in philox4x32((b, position, seed, 0), key)
         for h in range(2)
@@ -56,15 +56,15 @@ def test_values_are_the_documented_layout() -> None:
 def test_table_is_pinned_and_a_unit_normal() -> None:
     table = gaussian_table().astype(np.float64)
     # A platform whose quantiles rounded differently would change every direction: fail here first.
-    assert table_digest() == "8babbcaf96568f10165a1eab530c0e5c92d04de96761b6dbb3dadfa94baba37f"
+    assert table_digest() == "87d2297bd6f503ad9b582cb87a6d8d21e20633747144ac688b90f4efcde6a2e8"
     assert table.size == LEVELS and np.all(np.diff(table) > 0)
     assert np.array_equal(table, -table[::-1]) and table.mean() == 0.0
-    assert abs(np.mean(table**2) - 1.0) < 1e-7 and np.abs(table).max() < 4.33
+    assert abs(np.mean(table**2) - 1.0) < 1e-7 and np.abs(table).max() < 3.7
     normal = statistics.NormalDist()
     cdf = np.array([normal.cdf(x) for x in table])
     levels = np.arange(LEVELS)
     ks = max(np.abs(cdf - levels / LEVELS).max(), np.abs(cdf - (levels + 1) / LEVELS).max())
-    assert ks < 2**-16
+    assert ks < 2**-12
 
 
 def test_generated_values_look_standard_normal_and_independent() -> None:

@@ -110,19 +110,6 @@ def _fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
 _fma = cast(Callable[[Any, Any, Any], Any], _fma32)  # as the kernels call it (numba supplies typingctx)
 
 
-def _fill(out: Any, table: Any, rk0: Any, rk1: Any, c1: int, c2: int, start: int) -> None:
-    """``out[i] = z[start + i]`` (``start`` a multiple of 8), one L2-sized piece of words at a time."""
-    words = np.empty(PIECE // 2, dtype=np.uint32)
-    n = out.size
-    for at in range(0, n, PIECE):
-        m = min(PIECE, n - at)
-        w = words[: (m + 7) // 8 * 4]
-        _philox_words_jit(w, (start + at) // 8, _U32(c1), _U32(c2), rk0, rk1)
-        h = w.view(np.uint16)
-        for i in range(m):
-            out[at + i] = table[h[i] >> _SHIFT]
-
-
 def _sum_into(
     target: Any, table: Any, rk0: Any, rk1: Any, c1: int, seeds: Any, coefs: Any, start: int
 ) -> None:
@@ -179,7 +166,6 @@ def _axpy(target: Any, table: Any, rk0: Any, rk1: Any, c1: int, c2: int, alpha: 
 
 
 # nogil: the engine's worker threads run kernels side by side; cache: compiled once per install.
-_fill_jit = numba.njit(_fill, nogil=True, cache=True)
 _sum_into_jit = numba.njit(_sum_into, nogil=True, cache=True)
 _axpy_jit = numba.njit(_axpy, nogil=True, cache=True)
 _words_jit = numba.njit(_philox_words, nogil=True, cache=True)
@@ -249,7 +235,8 @@ def fill_gaussian_(
     _check_f32(out, "out")
     _check_key(rk)
     _check_start(start, position, seed_index)
-    _fill_jit(out, gaussian_table(), rk[0], rk[1], position, seed_index, start)
+    out[:] = 0.0  # then out = fma(1, z, 0) = z exactly: the axpy kernel serves both
+    _axpy_jit(out, gaussian_table(), rk[0], rk[1], position, seed_index, 1.0, start)
 
 
 def add_gaussian_(

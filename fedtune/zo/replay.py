@@ -80,15 +80,15 @@ def replay(
     seeds, values = nonzero_coefficients(coefficients)
     if seeds.size == 0:
         return 0
-    pairs = list(zip(seeds.tolist(), values.tolist(), strict=True))
     groups = balanced_groups(perturbation.numels, threads)
     if perturbation.kind == "gaussian":
         run_groups(groups, lambda _, positions: _gaussian_work(tuned, perturbation, seeds, values, positions))
     else:
+        pairs = list(zip(seeds.tolist(), values.tolist(), strict=True))
         seed_groups = [pairs[i : i + GROUP] for i in range(0, len(pairs), GROUP)]
         tables = [group_table([value for _, value in group]) for group in seed_groups]
         run_groups(groups, lambda _, at: _sign_work(tuned, perturbation, seed_groups, tables, at))
-    return len(pairs)
+    return int(seeds.size)
 
 
 def _sign_work(

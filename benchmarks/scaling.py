@@ -6,9 +6,9 @@ Usage: ``python benchmarks/scaling.py [--quick] [--out DIR]``. The last printed 
 * **params**: one MeZO step (both kinds) over two forward passes, and a replay of ``--params-seeds`` non-zero
   seeds, on the 2-layer SmolLM2 slice, SmolLM2-135M and a randomly initialised Llama-shaped model of about
   500M parameters built from a config (no download). ``--quick``: the slice and a 4-layer random model.
-* **seeds**: replay time against the number of non-zero seeds, on the 2-layer slice (Rademacher to 4096,
-  Gaussian to 1024: its torch generator makes each seed cost ~0.1 s there). A least-squares line through
-  the points gives ``s_per_seed`` and ``r2``; linear growth means ``r2`` near 1.
+* **seeds**: replay time against the number of non-zero seeds (32 to 4096, both kinds), on the 2-layer
+  slice. A least-squares line through the points gives ``s_per_seed`` and ``r2``; linear growth means
+  ``r2`` near 1.
 * **server**: one FedKSeed round at K = 4096 and tau = 200 through the public server API without models:
   building the sync payloads, decoding and validating every reply, aggregating, and writing the checkpoint,
   for 10 to 10,000 clients per round and each registered aggregator (Krum and Multi-Krum, quadratic in
@@ -334,11 +334,11 @@ def measure_models(quick: bool, reps: int, params_seeds: int) -> tuple[list[dict
         progress(f"params: {name} done")
         del model
     counts = (
-        {"rademacher": [32, 64, 128, 256], "gaussian": [8, 16, 32]}
+        {"rademacher": [32, 64, 128, 256], "gaussian": [32, 64, 128, 256]}
         if quick
         else {
             "rademacher": [32, 64, 128, 256, 512, 1024, 2048, 4096],
-            "gaussian": [32, 64, 128, 256, 512, 1024],
+            "gaussian": [32, 64, 128, 256, 512, 1024, 2048, 4096],
         }
     )
     return params, seeds_sweep(slice_model, counts, 1 if quick else min(reps, 2))

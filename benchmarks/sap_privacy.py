@@ -15,10 +15,13 @@ trained on:
   bottom and the public mechanism (every split);
 * a masked-LM token-inference model for the text-level variant, trained the same way.
 Baselines: the unprivatized split and the unsplit LoRA model (the server reads the tokens, so its
-empirical privacy is 0). The last line printed is one JSON object.
+empirical privacy is 0). Points with ``denoise = "posterior-mean"`` have the server replace each
+noised embedding by its posterior mean over the vocabulary before the trunk (post-processing: what
+crosses the wire, and so every attack, is unchanged). The last line printed is one JSON object.
 
     python benchmarks/sap_privacy.py            # the committed results (about 30 min on 2 cores)
     python benchmarks/sap_privacy.py --quick    # a smoke run (under a minute)
+    python benchmarks/sap_privacy.py --only-denoised   # rerun the denoised points into the results
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from fedtune.sap.attacks import (
 from fedtune.sap.batches import SplitBatch, SplitExamples
 from fedtune.sap.client import special_ids
 from fedtune.sap.cti import ContributingTokens
+from fedtune.sap.denoise import PosteriorMeanDenoiser
 from fedtune.sap.encode import ClientEncoder
 from fedtune.sap.privatizer import DChiPrivatizer, snap_to_vocab
 from fedtune.sap.split import Bottom, build_split
@@ -77,6 +81,7 @@ class Setup:
     attack_hidden: int
     text_etas: tuple[float, ...]
     deep_depth: int
+    denoised_etas: tuple[float, ...] = ()
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ()  # () = the family default (query, value)
     clients: int = 3
@@ -84,9 +89,21 @@ class Setup:
 
 
 FULL = Setup(
-    6, 3000, 1000, 300, 16, 48, 1.5e-3, (50.0, 70.0, 100.0, 150.0), 250, 256, (60.0, 80.0, 100.0, 150.0), 2
+    num_layers=6,
+    train_examples=3000,
+    test_examples=1000,
+    steps=300,
+    batch_size=16,
+    max_length=48,
+    lr=1.5e-3,
+    etas=(50.0, 70.0, 100.0, 150.0),
+    attack_steps=250,
+    attack_hidden=256,
+    text_etas=(60.0, 80.0, 100.0, 150.0),
+    deep_depth=2,
+    denoised_etas=(70.0, 100.0, 150.0),
 )
-QUICK = Setup(2, 160, 64, 8, 8, 32, 1.5e-3, (50.0,), 5, 64, (100.0,), 0)
+QUICK = Setup(2, 160, 64, 8, 8, 32, 1.5e-3, (50.0,), 5, 64, (100.0,), 0, denoised_etas=(50.0,))
 
 
 @dataclass
@@ -101,6 +118,7 @@ class Point:
     noised_norm: float
     noise_norm: float
     train_s: float
+    denoise: str = "none"
 
     def row(self) -> dict[str, Any]:
         return {
@@ -108,6 +126,7 @@ class Point:
             "cti": self.cti,
             "depth": self.depth,
             "variant": self.variant,
+            "denoise": self.denoise,
             "accuracy": round(self.accuracy, 4),
             "empirical_privacy": round(self.empirical_privacy, 4),
             "recovery_by_attack": {k: round(v, 4) for k, v in self.attacks.items()},
@@ -144,7 +163,14 @@ class Bench:
 
     # -- one point -----------------------------------------------------------------------------
     def train_point(
-        self, eta: float | None, cti: bool, depth: int, variant: str = "embedding", *, unsplit: bool = False
+        self,
+        eta: float | None,
+        cti: bool,
+        depth: int,
+        variant: str = "embedding",
+        *,
+        unsplit: bool = False,
+        denoise: bool = False,
     ) -> Point:
         s = self.s
         t0 = time.perf_counter()
@@ -154,6 +180,10 @@ class Bench:
         trunk = add_trunk_lora(
             parts.trunk, rank=s.lora_rank, alpha=2 * s.lora_rank, targets=s.lora_targets, seed=s.seed
         )
+        if denoise:  # server-side post-processing, as SAPServer does with denoise = "posterior-mean"
+            if eta is None:
+                raise ValueError("denoising needs a privatized point (an eta)")
+            trunk.denoise_inputs(PosteriorMeanDenoiser(parts.bottom.embedding_matrix, eta))
         trainer = TrunkTrainer(trunk, parts.head, lr=s.lr)
         vocab = int(parts.bottom.embedding_matrix.shape[0])
         encoders = [self._encoder(parts.bottom, ex, eta, cti, variant, vocab) for ex in self.clients]
@@ -200,6 +230,7 @@ class Bench:
             noised_norm=sum(n * a for n, a, _ in norms) / tokens,
             noise_norm=sum(n * b for n, _, b in norms) / tokens,
             train_s=train_s,
+            denoise="posterior-mean" if denoise else "none",
         )
 
     def _encoder(
@@ -302,21 +333,35 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for cti, style in ((False, "o-"), (True, "s-")):
+    series = (
+        ("embedding", False, "none", "o-"),
+        ("embedding", True, "none", "s-"),
+        ("embedding", False, "posterior-mean", "D-"),
+        ("embedding", True, "posterior-mean", "P-"),
+        ("text", False, "none", "v--"),
+        ("text", True, "none", "^--"),
+    )
+    for variant, cti, denoise, style in series:
         pts = sorted(
             (
                 p
                 for p in points
-                if p["cti"] == cti and p["variant"] == "embedding" and p["depth"] == 0 and p["eta"]
+                if p["cti"] == cti
+                and p["variant"] == variant
+                and p.get("denoise", "none") == denoise
+                and p["depth"] == 0
+                and p["eta"]
             ),
             key=lambda p: p["empirical_privacy"],
         )
         if pts:
+            extra = ", posterior-mean denoising" if denoise != "none" else ""
             ax.plot(
                 [p["empirical_privacy"] for p in pts],
                 [p["accuracy"] for p in pts],
                 style,
-                label=f"embedding split, CTI {'on' if cti else 'off'}",
+                label=f"{variant} {'split' if variant == 'embedding' else 'variant'}, "
+                f"CTI {'on' if cti else 'off'}{extra}",
             )
             for p in pts:
                 ax.annotate(
@@ -327,11 +372,9 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
                     textcoords="offset points",
                 )
     for p in points:
-        if p["variant"] == "text" or p["depth"] > 0:
-            label = (
-                f"{p['variant']} variant, eta {p['eta']:g}" if p["eta"] else f"depth {p['depth']}, no noise"
-            )
-            ax.plot([p["empirical_privacy"]], [p["accuracy"]], "^", label=label)
+        if p["depth"] > 0:
+            label = f"depth {p['depth']}, eta {p['eta']:g}" if p["eta"] else f"depth {p['depth']}, no noise"
+            ax.plot([p["empirical_privacy"]], [p["accuracy"]], "x", label=label)
     for name, b in baselines.items():
         ax.plot([b["empirical_privacy"]], [b["accuracy"]], "*", ms=12, label=name.replace("_", " "))
     ax.set_xlabel("empirical privacy (1 - token recovery, strongest attack)")
@@ -370,6 +413,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--only-deep", action="store_true", help="rerun only the deeper split's point into --out")
+    ap.add_argument(
+        "--only-denoised",
+        action="store_true",
+        help="rerun only the posterior-mean denoised points into --out, keeping the other points",
+    )
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -384,18 +432,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     out = args.out or (None if args.quick else RESULTS / "sap_privacy.json")
     previous: dict[str, Any] = {}
-    if args.only_deep:  # rerun the deeper split's point into an existing results file
+    partial = args.only_deep or args.only_denoised
+    if args.only_deep and args.only_denoised:
+        raise SystemExit("choose one of --only-deep and --only-denoised")
+
+    def denoised() -> list[dict[str, Any]]:
+        return [run(eta, cti, 0, denoise=True) for eta in setup.denoised_etas for cti in (False, True)]
+
+    if partial:  # rerun part of the sweep into an existing results file
         if out is None or not out.is_file():
-            raise SystemExit("--only-deep updates an existing results file; run the full sweep first")
+            raise SystemExit(
+                "--only-deep/--only-denoised update an existing results file; run the full sweep first"
+            )
         previous = json.loads(out.read_text(encoding="utf-8"))
         baselines = previous["baselines"]
-        points = [p for p in previous["points"] if p["depth"] == 0]
+        points = list(previous["points"])
+        if args.only_deep:
+            points = [p for p in points if p["depth"] == 0]
+            if setup.deep_depth:
+                points.append(run(None, False, setup.deep_depth))
+        else:
+            points = [p for p in points if p.get("denoise", "none") == "none"] + denoised()
     else:
         baselines = {"unprivatized_split": run(None, False, 0), "unsplit": run(None, False, 0, unsplit=True)}
         points = [run(eta, cti, 0) for eta in setup.etas for cti in (False, True)]
+        points += denoised()
         points += [run(eta, cti, 0, "text") for eta in setup.text_etas for cti in (False, True)]
-    if setup.deep_depth:
-        points.append(run(None, False, setup.deep_depth))
+        if setup.deep_depth:
+            points.append(run(None, False, setup.deep_depth))
     plot = out.with_suffix(".png") if out else Path("/tmp/sap_privacy_quick.png")
     _plot(points, baselines, plot)
     result: dict[str, Any] = {
@@ -413,8 +477,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "plot": plot.name,  # next to the results file
         "wall_s": round(time.perf_counter() - t0, 1),  # this invocation
         "sweep_wall_s": (previous.get("sweep_wall_s") or previous.get("wall_s"))
-        if args.only_deep
+        if partial
         else round(time.perf_counter() - t0, 1),
+        "rerun": "deep" if args.only_deep else "denoised" if args.only_denoised else None,
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ class SplitAndPrivatize(Algorithm):
         eta: float = 100.0,
         cti: bool = False,
         cti_floor: float = 0.6,
+        denoise: str = "none",
         adapters: str = "shared",
         local_steps: int = 10,
         batch_size: int = 16,

@@ -14,6 +14,7 @@ TASKS = ("classification", "causal-lm")
 VARIANTS = ("embedding", "text")
 ADAPTERS = ("shared", "per-client")
 WIRE_DTYPES = ("float32", "float16")
+DENOISERS = ("none", "posterior-mean")  # fedtune.sap.denoise
 
 
 def _require(ok: bool, message: str) -> None:
@@ -37,9 +38,11 @@ class SAPOptions:
     client; the server returns trunk outputs and receives their gradients. privatize/eta:
     d_chi-privacy noise with density ~ exp(-eta * ||n||) per non-pad token (larger eta, less noise;
     E||n|| = d / eta). cti: per-token eta from the client's own label statistics (contributing-token
-    identification), ``cti_floor`` the least multiple of eta a token gets. adapters: one trunk
-    adapter for every client (``shared``) or one per client (``per-client``). local_steps/
-    batch_size/lr: per client per round (AdamW on the trunk's LoRA and the head). classes:
+    identification), ``cti_floor`` the least multiple of eta a token gets. denoise: what the server
+    does to noised token embeddings before its trunk (``posterior-mean``: their expected vocabulary
+    embedding under the mechanism, post-processing that keeps the guarantee; embedding split only).
+    adapters: one trunk adapter for every client (``shared``) or one per client (``per-client``).
+    local_steps/batch_size/lr: per client per round (AdamW on the trunk's LoRA and the head). classes:
     comma-separated class names (empty: the held-out split's answers, sorted). wire_dtype: the
     dtype activations travel in. split_host/split_port: where the split server listens (port 0 =
     any free port); advertise_host: the host clients dial (empty = split_host). tls_cert/tls_key/
@@ -55,6 +58,7 @@ class SAPOptions:
     eta: float = 100.0
     cti: bool = False
     cti_floor: float = 0.6
+    denoise: str = "none"
     adapters: str = "shared"
     local_steps: int = 10
     batch_size: int = 16
@@ -78,6 +82,12 @@ class SAPOptions:
         _one_of("variant", self.variant, VARIANTS)
         _one_of("adapters", self.adapters, ADAPTERS)
         _one_of("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _one_of("denoise", self.denoise, DENOISERS)
+        _require(
+            self.denoise == "none" or (self.privatize and self.variant == "embedding" and self.depth == 0),
+            "algorithm.options.denoise = 'posterior-mean' denoises d_chi-noised token embeddings, so it "
+            "needs privatize = true, variant = 'embedding' and depth = 0",
+        )
         _require(self.depth >= 0, "algorithm.options.depth must be >= 0 (0 = the embedding layer only)")
         _require(
             self.variant != "text" or self.depth == 0,

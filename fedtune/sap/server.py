@@ -33,6 +33,7 @@ from fedtune.runlog import MetricValue
 from fedtune.sap.batches import SplitExamples
 from fedtune.sap.channel import ServerTLS, SplitChannelServer
 from fedtune.sap.codec import SplitReplyPayload, SplitRoundPayload, decode_split_reply, encode_split_round
+from fedtune.sap.denoise import PosteriorMeanDenoiser
 from fedtune.sap.dp import SAPServerPrivacy
 from fedtune.sap.encode import ClientEncoder
 from fedtune.sap.options import SAPOptions
@@ -89,6 +90,8 @@ class SAPServer(ServerAlgorithm):
             parts.trunk, rank=opts.lora_rank, alpha=opts.lora_alpha, targets=opts.targets, seed=cfg.run.seed
         )
         self.bottom, self.head = parts.bottom, parts.head
+        if opts.denoise == "posterior-mean":
+            trunk.denoise_inputs(PosteriorMeanDenoiser(self.bottom.embedding_matrix, opts.eta))
         # Standard split: the head trains with the trunk. U-shaped: the clients hold it; the
         # server keeps the aggregated copy for its own evaluation.
         self.trainer = TrunkTrainer(trunk, None if opts.u_shaped else parts.head, lr=opts.lr)
@@ -122,6 +125,8 @@ class SAPServer(ServerAlgorithm):
     def describe(self) -> str:
         o = self.opts
         noise = f"eta {o.eta:g}{' with CTI' if o.cti else ''}" if o.privatize else "no privatization"
+        if o.denoise != "none":
+            noise += f", {o.denoise} denoising"
         shape = "U-shaped" if o.u_shaped else "standard"
         if self.privacy is not None:
             noise += f", label DP at clip {self.cfg.privacy.clip:g}"

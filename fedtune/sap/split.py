@@ -181,13 +181,21 @@ class Trunk(_Half):
                 b.embed_tokens = None
                 b.layers = nn.ModuleList(list(blocks)[depth:])
         self.base: nn.Module = base
+        self.denoiser: nn.Module | None = None  # set by ``denoise_inputs``
+
+    def denoise_inputs(self, denoiser: nn.Module) -> None:
+        """Run ``denoiser(x, mask)`` on every float input before the blocks (post-processing of what
+        the client released, e.g. :class:`fedtune.sap.denoise.PosteriorMeanDenoiser`)."""
+        if self.depth != 0:
+            raise ValueError("input denoising applies to the embedding split (depth 0) only")
+        self.denoiser = denoiser
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
         if x.dtype == torch.long:
             kwargs["input_ids"] = x
         else:
-            kwargs["inputs_embeds"] = x
+            kwargs["inputs_embeds"] = x if self.denoiser is None else self.denoiser(x, attention_mask)
         if self.family == "encoder":
             hidden: torch.Tensor = self.base(**kwargs).last_hidden_state
             # Masked mean of the final hidden states: the pooling sentence encoders such as

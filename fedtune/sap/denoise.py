@@ -64,7 +64,6 @@ class PosteriorMeanDenoiser(nn.Module):
             )
         keep = attention_mask.bool()
         rows = x[keep].float()
-        emb = emb.to(rows.device)
         means = [
             torch.softmax(-self.eta * torch.cdist(chunk, emb), dim=-1) @ emb
             for chunk in torch.split(rows, ROWS_PER_CHUNK)

@@ -224,6 +224,20 @@ def _check_f32(a: npt.NDArray[Any], what: str) -> None:
         raise ValueError(f"{what} must be a writable contiguous 1-D float32 array")
 
 
+def _check_axpy(
+    a: npt.NDArray[Any],
+    what: str,
+    rk: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]],
+    position: int,
+    seed_index: int,
+    start: int,
+) -> None:
+    """The checks of the one-seed kernels, before anything is written."""
+    _check_f32(a, what)
+    _check_key(rk)
+    _check_start(start, position, seed_index)
+
+
 def fill_gaussian_(
     out: npt.NDArray[np.float32],
     rk: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]],
@@ -232,9 +246,7 @@ def fill_gaussian_(
     start: int = 0,
 ) -> None:
     """``out[i] = z[start + i]`` for one tensor's direction (``start`` a multiple of 8)."""
-    _check_f32(out, "out")
-    _check_key(rk)
-    _check_start(start, position, seed_index)
+    _check_axpy(out, "out", rk, position, seed_index, start)
     out[:] = 0.0  # then out = fma(1, z, 0) = z exactly: the axpy kernel serves both
     _axpy_jit(out, gaussian_table(), rk[0], rk[1], position, seed_index, 1.0, start)
 
@@ -248,9 +260,7 @@ def add_gaussian_(
     start: int = 0,
 ) -> None:
     """``target += alpha * z[start:start + target.size]`` in one pass, z never materialized."""
-    _check_f32(target, "target")
-    _check_key(rk)
-    _check_start(start, position, seed_index)
+    _check_axpy(target, "target", rk, position, seed_index, start)
     _axpy_jit(target, gaussian_table(), rk[0], rk[1], position, seed_index, float(alpha), start)
 
 

@@ -134,7 +134,9 @@ class SAPNode(ClientAlgorithm):
         ):
             for step in range(rnd.steps):
                 batch = next_batch()
-                enc = encoder(batch, labelled=True)
+                # U-shaped: the labels stay here, so CTI takes the label-free etas (max over classes);
+                # per-example class etas would tell the server each label through the noise levels.
+                enc = encoder(batch, labelled=not opts.u_shaped)
                 noised.append((enc.stats.tokens, enc.stats.noised_norm, enc.stats.noise_norm))
                 t0 = time.perf_counter()
                 request = pb.StepRequest(

@@ -17,8 +17,8 @@ benchmark already runs as an attack. No library computes this posterior: it is o
 softmax-weighted matmul, written here.
 
 Under CTI each token's eta depends on the client's private label statistics, which the server
-does not know; the posterior then uses the base eta, an approximation (over-confident for tokens
-given more noise, under-confident for the contributing tokens given less).
+does not know; the posterior then uses the floor's eta (``SAPOptions.denoise_eta``), the level most
+tokens get, an approximation (under-confident for the contributing tokens given less noise).
 """
 
 from __future__ import annotations

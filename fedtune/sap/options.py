@@ -147,3 +147,10 @@ class SAPOptions:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def denoise_eta(self) -> float:
+        """The eta the server's posterior assumes: the client's per-token etas are private under CTI, so
+        it takes the floor's, ``eta * cti_floor``, the level most tokens get (with the SDK's formula,
+        97% of the held-out review tokens of a 1,000-review client sit at the floor; docs/sap.md)."""
+        return self.eta * self.cti_floor if self.cti else self.eta

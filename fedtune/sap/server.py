@@ -91,7 +91,7 @@ class SAPServer(ServerAlgorithm):
         )
         self.bottom, self.head = parts.bottom, parts.head
         if opts.denoise == "posterior-mean":
-            trunk.denoise_inputs(PosteriorMeanDenoiser(self.bottom.embedding_matrix, opts.eta))
+            trunk.denoise_inputs(PosteriorMeanDenoiser(self.bottom.embedding_matrix, opts.denoise_eta))
         # Standard split: the head trains with the trunk. U-shaped: the clients hold it; the
         # server keeps the aggregated copy for its own evaluation.
         self.trainer = TrunkTrainer(trunk, None if opts.u_shaped else parts.head, lr=opts.lr)

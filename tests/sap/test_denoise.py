@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 import torch
 
+from fedtune.aggregators import create_aggregator
 from fedtune.algorithms.registry import create_algorithm
 from fedtune.flower.testing import run_local
 from fedtune.sap.denoise import ROWS_PER_CHUNK, PosteriorMeanDenoiser
+from fedtune.sap.options import SAPOptions
 from fedtune.sap.split import build_split
 
 
@@ -115,3 +117,23 @@ def test_a_denoised_split_round_completes_on_the_grid(sap_cfg: Any) -> None:
     cfg = sap_cfg(**{"algorithm.options.denoise": "posterior-mean", "federation.num-rounds": 1})
     summary, _ = run_local(cfg)
     assert summary["completed_rounds"] == 1
+
+
+@pytest.mark.parametrize(("cti", "expected"), [(False, 300.0), (True, 60.0)])
+def test_under_cti_the_server_posterior_takes_the_floor_eta(sap_cfg: Any, cti: bool, expected: float) -> None:
+    """The per-token etas are the client's secret; the floor's is the level most tokens get."""
+    assert SAPOptions(eta=300.0, cti=cti, cti_floor=0.2).denoise_eta == pytest.approx(expected)
+    cfg = sap_cfg(
+        **{
+            "algorithm.options.denoise": "posterior-mean",
+            "algorithm.options.eta": 300.0,
+            "algorithm.options.cti": cti,
+            "algorithm.options.cti-floor": 0.2,
+        }
+    )
+    server = create_algorithm(cfg).server(create_aggregator(cfg.aggregator.name, {}))
+    try:
+        denoiser = server.trainer.trunk.denoiser
+        assert isinstance(denoiser, PosteriorMeanDenoiser) and denoiser.eta == pytest.approx(expected)
+    finally:
+        server.close()

@@ -8,6 +8,7 @@ import pytest
 
 from fedtune._proto.v1 import split_pb2 as pb
 from fedtune.flower.testing import run_local
+from fedtune.sap.cti import ContributingTokens
 from fedtune.sap.service import SplitService
 
 
@@ -50,6 +51,25 @@ def test_u_shaped_split_sends_no_labels_at_all(sap_cfg: Any, seen: list[pb.StepR
         else:
             assert kind == pb.STEP_KIND_BACKWARD
             assert fields == {"stream_id", "step", "kind", "upstream_grad"}
+
+
+@pytest.mark.parametrize(("u_shaped", "by_label"), [(False, True), (True, False)])
+def test_cti_noise_follows_the_labels_only_where_the_labels_are_sent(
+    sap_cfg: Any, monkeypatch: pytest.MonkeyPatch, u_shaped: bool, by_label: bool
+) -> None:
+    """Class-conditioned etas would reveal a U-shaped client's labels through its noise levels."""
+    labelled: list[bool] = []
+    original = ContributingTokens.etas
+
+    def spy(self: ContributingTokens, input_ids: Any, labels: Any) -> Any:
+        labelled.append(labels is not None)
+        return original(self, input_ids, labels)
+
+    monkeypatch.setattr(ContributingTokens, "etas", spy)
+    options = {"algorithm.options.cti": True, "algorithm.options.u-shaped": u_shaped}
+    summary, _ = run_local(sap_cfg(**{"federation.num-rounds": 1, **options}))
+    assert summary["completed_rounds"] == 1
+    assert labelled and all(labelled) is by_label and any(labelled) is by_label
 
 
 def test_text_variant_sends_token_ids_not_representations(sap_cfg: Any, seen: list[pb.StepRequest]) -> None:

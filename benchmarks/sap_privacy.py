@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from fedtune.sap.client import special_ids
 from fedtune.sap.cti import ContributingTokens
 from fedtune.sap.denoise import PosteriorMeanDenoiser
 from fedtune.sap.encode import ClientEncoder
+from fedtune.sap.options import SAPOptions
 from fedtune.sap.privatizer import DChiPrivatizer, snap_to_vocab
 from fedtune.sap.split import Bottom, build_split
 from fedtune.sap.trunk import SHARED, TrunkTrainer, add_trunk_lora
@@ -82,6 +83,8 @@ class Setup:
     text_etas: tuple[float, ...]
     deep_depth: int
     denoised_etas: tuple[float, ...] = ()
+    # (base eta, cti floor) pairs, CTI on and denoised: a steeper CTI than the SDK's floor of 0.6
+    steep_cti: tuple[tuple[float, float], ...] = ()
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ()  # () = the family default (query, value)
     clients: int = 3
@@ -102,8 +105,25 @@ FULL = Setup(
     text_etas=(60.0, 80.0, 100.0, 150.0),
     deep_depth=2,
     denoised_etas=(70.0, 100.0, 150.0),
+    steep_cti=((300.0, 0.2), (350.0, 0.2), (700.0, 0.1)),
 )
-QUICK = Setup(2, 160, 64, 8, 8, 32, 1.5e-3, (50.0,), 5, 64, (100.0,), 0, denoised_etas=(50.0,))
+QUICK = replace(
+    FULL,
+    num_layers=2,
+    train_examples=160,
+    test_examples=64,
+    steps=8,
+    batch_size=8,
+    max_length=32,
+    etas=(50.0,),
+    attack_steps=5,
+    attack_hidden=64,
+    text_etas=(100.0,),
+    deep_depth=0,
+    denoised_etas=(50.0,),
+    steep_cti=((250.0, 0.2),),
+)
+CTI_FLOOR = SAPOptions().cti_floor  # the SAP SDK's 0.6
 
 
 @dataclass
@@ -119,11 +139,13 @@ class Point:
     noise_norm: float
     train_s: float
     denoise: str = "none"
+    cti_floor: float | None = None
 
     def row(self) -> dict[str, Any]:
         return {
             "eta": self.eta,
             "cti": self.cti,
+            "cti_floor": self.cti_floor,
             "depth": self.depth,
             "variant": self.variant,
             "denoise": self.denoise,
@@ -171,6 +193,7 @@ class Bench:
         *,
         unsplit: bool = False,
         denoise: bool = False,
+        cti_floor: float = CTI_FLOOR,
     ) -> Point:
         s = self.s
         t0 = time.perf_counter()
@@ -183,10 +206,14 @@ class Bench:
         if denoise:  # server-side post-processing, as SAPServer does with denoise = "posterior-mean"
             if eta is None:
                 raise ValueError("denoising needs a privatized point (an eta)")
-            trunk.denoise_inputs(PosteriorMeanDenoiser(parts.bottom.embedding_matrix, eta))
+            # Under CTI the posterior assumes the floor's eta, as SAPOptions.denoise_eta does.
+            posterior_eta = eta * cti_floor if cti else eta
+            trunk.denoise_inputs(PosteriorMeanDenoiser(parts.bottom.embedding_matrix, posterior_eta))
         trainer = TrunkTrainer(trunk, parts.head, lr=s.lr)
         vocab = int(parts.bottom.embedding_matrix.shape[0])
-        encoders = [self._encoder(parts.bottom, ex, eta, cti, variant, vocab) for ex in self.clients]
+        encoders = [
+            self._encoder(parts.bottom, ex, eta, cti, variant, vocab, cti_floor) for ex in self.clients
+        ]
         streams = [ex.stream(s.batch_size, key=(s.seed, i)) for i, ex in enumerate(self.clients)]
         norms: list[tuple[int, float, float]] = []
         for step in range(s.steps):
@@ -231,10 +258,18 @@ class Bench:
             noise_norm=sum(n * b for n, _, b in norms) / tokens,
             train_s=train_s,
             denoise="posterior-mean" if denoise else "none",
+            cti_floor=cti_floor if cti else None,
         )
 
     def _encoder(
-        self, bottom: Bottom, ex: SplitExamples, eta: float | None, cti: bool, variant: str, vocab: int
+        self,
+        bottom: Bottom,
+        ex: SplitExamples,
+        eta: float | None,
+        cti: bool,
+        variant: str,
+        vocab: int,
+        cti_floor: float,
     ) -> ClientEncoder:
         if eta is None:
             return ClientEncoder(bottom, None)
@@ -246,6 +281,7 @@ class Bench:
                 num_classes=2,
                 vocab_size=vocab,
                 eta_base=eta,
+                floor=cti_floor,
                 ignore_ids=self.special,
             )
         return ClientEncoder(bottom, DChiPrivatizer(eta), table, text=variant == "text")
@@ -334,14 +370,19 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = (
-        ("embedding", False, "none", "o-"),
-        ("embedding", True, "none", "s-"),
-        ("embedding", False, "posterior-mean", "D-"),
-        ("embedding", True, "posterior-mean", "P-"),
-        ("text", False, "none", "v--"),
-        ("text", True, "none", "^--"),
+        ("embedding", False, "none", False, "o-"),
+        ("embedding", True, "none", False, "s-"),
+        ("embedding", False, "posterior-mean", False, "D-"),
+        ("embedding", True, "posterior-mean", False, "P-"),
+        ("embedding", True, "posterior-mean", True, "X-"),
+        ("text", False, "none", False, "v--"),
+        ("text", True, "none", False, "^--"),
     )
-    for variant, cti, denoise, style in series:
+
+    def steep(p: dict[str, Any]) -> bool:
+        return p.get("cti_floor") not in (None, CTI_FLOOR)
+
+    for variant, cti, denoise, steep_cti, style in series:
         pts = sorted(
             (
                 p
@@ -349,6 +390,7 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
                 if p["cti"] == cti
                 and p["variant"] == variant
                 and p.get("denoise", "none") == denoise
+                and steep(p) == steep_cti
                 and p["depth"] == 0
                 and p["eta"]
             ),
@@ -356,6 +398,7 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
         )
         if pts:
             extra = ", posterior-mean denoising" if denoise != "none" else ""
+            extra = ", steep CTI (eta/floor)" + extra if steep_cti else extra
             ax.plot(
                 [p["empirical_privacy"] for p in pts],
                 [p["accuracy"] for p in pts],
@@ -365,7 +408,7 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
             )
             for p in pts:
                 ax.annotate(
-                    f"{p['eta']:g}",
+                    f"{p['eta']:g}/{p['cti_floor']:g}" if steep_cti else f"{p['eta']:g}",
                     (p["empirical_privacy"], p["accuracy"]),
                     fontsize=7,
                     xytext=(3, 3),
@@ -416,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--only-denoised",
         action="store_true",
-        help="rerun only the posterior-mean denoised points into --out, keeping the other points",
+        help="rerun only the posterior-mean denoised points (steep CTI too) into --out, keeping the others",
     )
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -437,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("choose one of --only-deep and --only-denoised")
 
     def denoised() -> list[dict[str, Any]]:
-        return [run(eta, cti, 0, denoise=True) for eta in setup.denoised_etas for cti in (False, True)]
+        rows = [run(eta, cti, 0, denoise=True) for eta in setup.denoised_etas for cti in (False, True)]
+        return rows + [run(eta, True, 0, denoise=True, cti_floor=f) for eta, f in setup.steep_cti]
 
     if partial:  # rerun part of the sweep into an existing results file
         if out is None or not out.is_file():
@@ -446,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         previous = json.loads(out.read_text(encoding="utf-8"))
         baselines = previous["baselines"]
-        points = list(previous["points"])
+        # Rows written before the cti_floor column had the SDK's floor whenever CTI was on.
+        points = [{"cti_floor": CTI_FLOOR if p["cti"] else None, **p} for p in previous["points"]]
         if args.only_deep:
             points = [p for p in points if p["depth"] == 0]
             if setup.deep_depth:

@@ -368,7 +368,7 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 6.4))
     series = (
         ("embedding", False, "none", False, "o-"),
         ("embedding", True, "none", False, "s-"),
@@ -424,7 +424,7 @@ def _plot(points: list[dict[str, Any]], baselines: dict[str, dict[str, Any]], pa
     ax.set_ylabel("held-out accuracy")
     ax.set_title("SAP on MiniLM / Rotten Tomatoes (labels next to points: eta)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # under the axes
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -206,9 +206,8 @@ class Bench:
         if denoise:  # server-side post-processing, as SAPServer does with denoise = "posterior-mean"
             if eta is None:
                 raise ValueError("denoising needs a privatized point (an eta)")
-            # Under CTI the posterior assumes the floor's eta, as SAPOptions.denoise_eta does.
-            posterior_eta = eta * cti_floor if cti else eta
-            trunk.denoise_inputs(PosteriorMeanDenoiser(parts.bottom.embedding_matrix, posterior_eta))
+            opts = SAPOptions(eta=eta, cti=cti, cti_floor=cti_floor)  # the server's rule for the posterior
+            trunk.denoise_inputs(PosteriorMeanDenoiser(parts.bottom.embedding_matrix, opts.denoise_eta))
         trainer = TrunkTrainer(trunk, parts.head, lr=s.lr)
         vocab = int(parts.bottom.embedding_matrix.shape[0])
         encoders = [
